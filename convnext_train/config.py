@@ -1,0 +1,75 @@
+"""Checks of the composed config that Hydra's types cannot express, run before any compute.
+
+Every problem names the key and the accepted values, so a typo costs seconds, not a queued job.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from convnext_train.errors import UserError
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
+    t, opt, aug = cfg.trainer, cfg.optimizer, cfg.aug
+    problems: list[str] = []
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{key}={_show(cfg, key)}: {message}")
+
+    require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}")
+    require(t.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}")
+    require(_positive_int(t.epochs), "trainer.epochs", "must be a positive integer")
+    require(_positive_int(t.micro_batch_size), "trainer.micro_batch_size", "must be a positive integer")
+    require(_positive_int(t.global_batch_size), "trainer.global_batch_size", "must be a positive integer")
+    if _positive_int(t.micro_batch_size) and _positive_int(t.global_batch_size):
+        per_step = t.micro_batch_size * world_size
+        require(
+            t.global_batch_size % per_step == 0,
+            "trainer.global_batch_size",
+            f"must be a multiple of micro_batch_size x processes = {t.micro_batch_size} x {world_size}",
+        )
+    require(_positive_int(t.log_every), "trainer.log_every", "must be a positive integer")
+    require(_positive_int(t.eval_every_epochs), "trainer.eval_every_epochs", "must be a positive integer")
+    require(_positive_int(t.keep_last), "trainer.keep_last", "must be a positive integer")
+    require(_number(t.checkpoint_every_minutes) and t.checkpoint_every_minutes > 0, "trainer.checkpoint_every_minutes", "must be > 0")
+    require(t.clip_grad is None or (_number(t.clip_grad) and t.clip_grad > 0), "trainer.clip_grad", "must be null or > 0")
+    require(isinstance(t.seed, int), "trainer.seed", "must be an integer")
+    require(_number(opt.lr) and opt.lr > 0, "optimizer.lr", "must be > 0")
+    require(_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    require(_number(opt.layer_decay) and 0 < opt.layer_decay <= 1, "optimizer.layer_decay", "must be in (0, 1]")
+    require(_number(cfg.scheduler.warmup_epochs) and cfg.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0")
+    require(_number(cfg.scheduler.min_lr) and cfg.scheduler.min_lr >= 0, "scheduler.min_lr", "must be >= 0")
+    require(_number(cfg.ema.decay) and 0 <= cfg.ema.decay < 1, "ema.decay", "must be in [0, 1)")
+    for key in ("reprob", "hflip", "label_smoothing", "mixup_prob", "mixup_switch_prob"):
+        require(_number(aug[key]) and 0 <= aug[key] <= 1, f"aug.{key}", "must be in [0, 1]")
+    for key in ("mixup", "cutmix"):
+        require(_number(aug[key]) and aug[key] >= 0, f"aug.{key}", "must be >= 0 (0 turns it off)")
+    require(_number(aug.crop_pct) and 0 < aug.crop_pct <= 1, "aug.crop_pct", "must be in (0, 1]")
+    require(aug.mixup_mode in ("batch", "pair", "elem"), "aug.mixup_mode", "must be batch, pair or elem")
+    mixing = _number(aug.mixup) and _number(aug.cutmix) and (aug.mixup > 0 or aug.cutmix > 0)
+    if mixing and _positive_int(t.micro_batch_size):
+        require(t.micro_batch_size % 2 == 0, "trainer.micro_batch_size", "must be even when Mixup/CutMix is on")
+    require(_positive_int(cfg.data.img_size), "data.img_size", "must be a positive integer")
+    require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers", "must be an integer >= 0")
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def _show(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

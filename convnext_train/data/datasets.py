@@ -1,0 +1,50 @@
+"""The training and validation sets a `data` config names, ready for `EpochSampler` keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from convnext_train.data.imagefolder import ImageFolderDataset, train_and_val_datasets
+from convnext_train.data.loaders import SeededSamples
+from convnext_train.data.transforms import eval_transform, train_transform
+from convnext_train.errors import UserError
+
+KINDS = ("imagefolder", "digits")
+
+
+def build_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples]:
+    if data_cfg.kind not in KINDS:
+        raise UserError(f"data.kind={data_cfg.kind}: must be one of {', '.join(KINDS)}")
+    root = Path(data_cfg.root)
+    if data_cfg.kind == "digits":
+        from convnext_train.data.digits import write_digits_imagefolder
+
+        write_digits_imagefolder(root, img_size=data_cfg.img_size, seed=seed)
+    # The ImageFolder datasets decode only; the transforms run inside SeededSamples, under RNGs
+    # seeded per (epoch, sample), which is what makes a resumed run bitwise equal.
+    train, val = train_and_val_datasets(
+        root,
+        data_cfg.train_split,
+        data_cfg.val_split,
+        train_transform=None,
+        val_transform=None,
+        num_classes=data_cfg.num_classes,
+        skip_corrupt=data_cfg.skip_corrupt,
+    )
+    return (
+        SeededSamples(train, train_transform(aug_cfg, data_cfg.img_size), seed),
+        SeededSamples(val, eval_transform(data_cfg.img_size, aug_cfg.crop_pct), seed),
+    )
+
+
+def val_dataset(data_cfg: DictConfig, crop_pct: float) -> SeededSamples:
+    """The validation split alone, with the official eval transform (for eval.py)."""
+    images = ImageFolderDataset(data_cfg.root, data_cfg.val_split, transform=None, skip_corrupt=data_cfg.skip_corrupt)
+    if len(images.classes) != data_cfg.num_classes:
+        raise UserError(
+            f"{images.split_dir} has {len(images.classes)} class folders but data.num_classes={data_cfg.num_classes}; "
+            "set data.num_classes to match the data"
+        )
+    return SeededSamples(images, eval_transform(data_cfg.img_size, crop_pct), seed=0)

@@ -1,0 +1,143 @@
+"""ImageFolder datasets (`<root>/<split>/<class>/<image>`) whose failures read as instructions.
+
+A missing or empty split, a train/val class mismatch and an unreadable image raise `UserError`s
+that say what was expected. With `skip_corrupt`, an unreadable image is replaced by the next
+readable one and the sample says so (see `Sample.replaced`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from convnext_train.errors import UserError
+
+__all__ = ["ImageFolderDataset", "Sample", "UnreadableImageError", "load_image", "train_and_val_datasets"]
+
+LAYOUT_HELP = (
+    "expected ImageFolder layout: <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG, with "
+    "the same class folders (for ImageNet the WordNet ids, e.g. n01440764) in both; "
+    "`python data/prepare_imagenet.py layout-val` arranges the official validation set that way"
+)
+
+# What Pillow raises for a file it cannot decode: OSError (missing, unidentified, truncated),
+# SyntaxError (malformed chunks), ValueError (bad header values), DecompressionBombError (absurd size).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UnreadableImageError(UserError):
+    """An image file Pillow cannot decode. A UserError, so that without skip_corrupt the run stops
+    with a message naming the file (DataLoader workers re-raise it in the main process as this type)."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image file completely, as RGB (ImageNet holds a few greyscale and CMYK JPEGs)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except _DECODE_ERRORS as error:
+        raise UnreadableImageError(
+            f"cannot read image {path}: {error}. Replace or delete the file, or set "
+            "data.skip_corrupt=true to train on the next readable image instead (each one is counted)"
+        ) from error
+
+
+class Sample(NamedTuple):
+    """One dataset item. DataLoader's default collate keeps the field names: a batch is a `Sample` of
+    an image tensor, a target tensor and a bool tensor."""
+
+    image: Any  # what the transform returns (a tensor), or a PIL image without a transform
+    target: int
+    replaced: bool  # the file at this index was unreadable; image and target are the next readable one
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ImageFolder for `<root>/<split>`, with `load_image` as the loader, `UserError`s
+    instead of bare FileNotFoundErrors, and `Sample`s as items.
+
+    Unreadable images: without skip_corrupt, `dataset[i]` raises UnreadableImageError. With it, index
+    i is served by the first readable index among i+1, i+2, ... (wrapping around), with that image's
+    target, `Sample.replaced` True, and a warning naming the file. The replacement is deterministic,
+    so a resumed run sees the same samples. Counting goes through the batches themselves rather than
+    shared state, because DataLoader workers are separate processes: the trainer sums
+    `batch.replaced` (all-reducing across ranks if it wants a global count).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable[[Image.Image], Any] | None = None,
+        skip_corrupt: bool = False,
+    ) -> None:
+        root = Path(root)
+        split_dir = root / split
+        if not root.is_dir():
+            raise UserError(f"data root {root} does not exist or is not a directory; {LAYOUT_HELP}")
+        if not split_dir.is_dir():
+            raise UserError(f"split {split!r} not found: {split_dir} is not a directory; {LAYOUT_HELP}")
+        try:
+            super().__init__(split_dir, transform=transform, loader=load_image)
+        except FileNotFoundError as error:  # torchvision's words for "no class folders" / "no images"
+            message = f"split {split!r} in {root} has no usable images: {error}; {LAYOUT_HELP}"
+            raise UserError(message) from error
+        self.split_dir = split_dir
+        self.skip_corrupt = skip_corrupt
+
+    def __getitem__(self, index: int) -> Sample:
+        count = len(self.samples)
+        for offset in range(count):
+            path, target = self.samples[(index + offset) % count]
+            try:
+                image = self.loader(path)
+            except UnreadableImageError:
+                if not self.skip_corrupt:
+                    raise
+                warnings.warn(f"data.skip_corrupt: skipping unreadable image {path}", stacklevel=2)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return Sample(image, target, replaced=offset > 0)
+        raise UserError(f"no image in {self.split_dir} can be read, so data.skip_corrupt has nothing to use")
+
+
+def train_and_val_datasets(
+    root: str | Path,
+    train_split: str,
+    val_split: str,
+    train_transform: Callable[[Image.Image], Any] | None,
+    val_transform: Callable[[Image.Image], Any] | None,
+    num_classes: int | None = None,
+    skip_corrupt: bool = False,
+) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """Both splits, checked to share one class list (so one index means one class in both) and, when
+    num_classes is given, to have that many classes (the model head's size)."""
+    train = ImageFolderDataset(root, train_split, train_transform, skip_corrupt)
+    val = ImageFolderDataset(root, val_split, val_transform, skip_corrupt)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise UserError(
+            f"{train.split_dir} and {val.split_dir} have different class folders: "
+            f"only in {train_split}: {_excerpt(only_train)}; only in {val_split}: {_excerpt(only_val)}; "
+            f"{LAYOUT_HELP}"
+        )
+    if num_classes is not None and len(train.classes) != num_classes:
+        raise UserError(
+            f"{train.split_dir} has {len(train.classes)} class folders but data.num_classes={num_classes}; "
+            "set data.num_classes to match the data"
+        )
+    return train, val
+
+
+def _excerpt(names: list[str], shown: int = 10) -> str:
+    """A readable excerpt of a possibly long list (1,000 ImageNet classes would drown the message)."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

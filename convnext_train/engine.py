@@ -1,0 +1,139 @@
+"""One training epoch and one evaluation pass: the loop, readable top to bottom.
+
+No host synchronisation inside a step: losses stay on the device and are read every
+`trainer.log_every` steps (and before a checkpoint is written, so a non-finite loss never
+reaches a checkpoint).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from convnext_train.errors import UserError
+from convnext_train.optim import set_lr
+
+
+def train_one_epoch(run, epoch: int) -> None:
+    """Optimizer steps of `epoch` from where `run.state` stands (mid-epoch after a resume)."""
+    t, state = run.cfg.trainer, run.state
+    first_step = state.step - epoch * run.steps_per_epoch
+    run.train_sampler.set_position(epoch, first_step * run.samples_per_step_per_rank)
+    run.forward.train()
+    batches = iter(run.train_loader)
+    window = LossWindow(run.device, state.step)
+    progress = run.progress(epoch, first_step)
+    for _ in range(first_step, run.steps_per_epoch):
+        lr = run.lr_at(state.step)
+        set_lr(run.optimizer, lr)
+        for _micro in range(run.accumulation):
+            images, targets, replaced = next(batches)
+            window.skipped_images += int(replaced.sum())  # a CPU tensor: no device sync
+            images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
+            targets = targets.to(run.device, non_blocking=True)
+            if run.mixup is not None:
+                images, targets = run.mixup(images, targets)
+            with run.autocast():
+                loss = run.criterion(run.forward(images), targets)
+            run.scaler.scale(loss / run.accumulation).backward()
+            window.add(loss.detach(), state.step)
+        if t.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.model, step=state.step)
+        state.step += 1
+        progress.update()
+
+        if state.step % t.log_every == 0:
+            run.log_training(window.read_and_reset(state.step), lr, progress)
+        if run.checkpoint_due():
+            window.raise_if_non_finite()
+            run.save_checkpoint(epoch)
+    window.raise_if_non_finite()
+    progress.close()
+
+
+class LossWindow:
+    """Training losses since the last log, summed on the device; remembers the first step whose
+    loss was not finite without a host sync per step."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+        self.skipped_images = 0  # unreadable files replaced under data.skip_corrupt
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.since = time.perf_counter()
+        self.since_step = step
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.total += loss.float()
+        self.count += 1
+        new_bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(new_bad, torch.full_like(self.first_bad_step, step + 1), self.first_bad_step)
+
+    def raise_if_non_finite(self) -> None:
+        bad_step = int(self.first_bad_step)
+        if bad_step >= 0:
+            raise NonFiniteLoss(
+                f"the training loss became non-finite at step {bad_step}; the run stopped and the last "
+                "checkpoint before it is kept. Lower optimizer.lr, set trainer.clip_grad, or use "
+                "trainer.precision=bf16 instead of fp16"
+            )
+
+    def read_and_reset(self, step: int) -> dict:
+        """Mean loss and throughput of the window (one host sync)."""
+        self.raise_if_non_finite()
+        elapsed = time.perf_counter() - self.since
+        result = {
+            "loss": self.total.item() / max(self.count, 1),
+            "steps": step - self.since_step,
+            "seconds": elapsed,
+            "skipped_images": self.skipped_images,
+        }
+        self.total.zero_()
+        self.count = 0
+        self.skipped_images = 0
+        self.since, self.since_step = time.perf_counter(), step
+        return result
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, memory_format) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy over the loader's images."""
+    model.eval()
+    correct1 = torch.zeros((), dtype=torch.long, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = skipped = 0
+    for images, targets, replaced in loader:
+        skipped += int(replaced.sum())
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        correct1 += hits[:, 0].sum()
+        correct5 += hits.any(dim=1).sum()
+        count += targets.numel()
+    if count == 0:
+        raise UserError("the validation set is empty: put images under <data.root>/<data.val_split>/<class>/")
+    return {
+        "top1": 100.0 * correct1.item() / count,
+        "top5": 100.0 * correct5.item() / count,
+        "loss": loss_sum.item() / count,
+        "images": count,
+        "skipped_images": skipped,
+    }

@@ -1,0 +1,86 @@
+"""A run's checkpoints: where they live, which to keep, which to resume from.
+
+`<run_dir>/checkpoints/` holds `step_<N>.pt` (the newest `keep_last` of them), `last.pt` (the
+newest), `best.pt` and `best_ema.pt`. `last`/`best` are hard links to a step file, so keeping them
+costs no space and each appears atomically. A newest checkpoint that is truncated or corrupt (a
+machine died mid-copy, a disk filled up) is skipped with a warning for the previous valid one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+
+
+class RunCheckpoints:
+    def __init__(self, directory: Path, keep_last: int):
+        self.directory = Path(directory)
+        self.keep_last = max(1, keep_last)
+
+    def step_files(self) -> list[Path]:
+        """Step checkpoints, newest first."""
+        return sorted(self.directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
+
+    def save(self, checkpoint: dict[str, Any]) -> Path:
+        path = self.directory / f"step_{checkpoint['step']:09d}.pt"
+        save_checkpoint(checkpoint, path)
+        self._link("last.pt", path)
+        for old in self.step_files()[self.keep_last :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def mark_best(self, name: str, path: Path) -> None:
+        self._link(name, path)
+
+    def _link(self, name: str, target: Path) -> None:
+        tmp = self.directory / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.link(target, tmp)
+        os.replace(tmp, self.directory / name)
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint, or None for a fresh run."""
+        candidates = [self.directory / "last.pt", *self.step_files()]
+        for path in candidates:
+            if not path.exists():
+                continue
+            try:
+                return read_checkpoint(path)
+            except CheckpointError as error:
+                warnings.warn(f"skipping unreadable checkpoint {path}: {error}", stacklevel=2)
+        return None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training step draws from, in a form `torch.load(weights_only=True)` accepts."""
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.copy()), "pos": position, "has_gauss": has_gauss, "cached_gaussian": cached_gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    # Pickle round trips keep tuples, but be strict: random.setstate rejects lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,323 @@
+"""train.py's work: build everything from the config, resume, loop over epochs, evaluate, save, log.
+
+    python train.py model=convnext_t data.root=/datasets/imagenet
+
+The run directory (Hydra's, `hydra.run.dir`) holds `metrics.jsonl`, `summary.json` and
+`checkpoints/`. Running the same command in the same directory resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from convnext_train.checkpoints import CheckpointError
+from convnext_train.config import validate_train_config
+from convnext_train.data.datasets import build_datasets
+from convnext_train.data.loaders import EpochSampler, make_loader
+from convnext_train.data.transforms import mixup_fn, train_loss
+from convnext_train.engine import NonFiniteLoss, evaluate, train_one_epoch
+from convnext_train.errors import UserError
+from convnext_train.metrics import RunLogger
+from convnext_train.models import build_model
+from convnext_train.optim import build_optimizer
+from convnext_train.resume import RunCheckpoints, restore_rng_state, rng_state
+from convnext_train.schedule import cosine_lr
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs beyond the components' own state dicts."""
+
+    epoch: int = 0  # the epoch in progress, or the next one to start
+    step: int = 0  # optimizer steps taken since the start of training
+    best_top1: float = -1.0
+    best_top1_ema: float = -1.0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    train_images: int = 0
+    skipped_images: int = 0  # unreadable training images replaced under data.skip_corrupt
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of; built once by `build_run`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    model: torch.nn.Module  # the plain module: checkpoints and EMA read it
+    forward: torch.nn.Module  # what the step calls: the model, compiled when asked
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    mixup: Callable | None
+    train_loader: Any
+    train_sampler: EpochSampler
+    val_loader: Any
+    steps_per_epoch: int
+    accumulation: int
+    samples_per_step_per_rank: int
+    lr_at: Callable[[int], float]
+    memory_format: torch.memory_format
+    logger: RunLogger
+    checkpoints: RunCheckpoints
+    state: TrainState
+    last_save: float = field(default_factory=time.monotonic)
+
+    def autocast(self):
+        dtype = AUTOCAST_DTYPES[self.cfg.trainer.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def progress(self, epoch: int, first_step: int) -> tqdm:
+        return tqdm(
+            total=self.steps_per_epoch,
+            initial=first_step,
+            desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not sys.stderr.isatty(),
+            leave=False,
+        )
+
+    def log_training(self, window: dict, lr: float, progress: tqdm) -> None:
+        images = window["steps"] * self.cfg.trainer.global_batch_size
+        self.state.train_seconds += window["seconds"]
+        self.state.train_images += images
+        self.state.skipped_images += window["skipped_images"]
+        row = {
+            "step": self.state.step,
+            "epoch": self.state.step / self.steps_per_epoch,
+            "lr": lr,
+            "loss": window["loss"],
+            "images_per_sec": images / max(window["seconds"], 1e-9),
+        }
+        if window["skipped_images"]:
+            row["skipped_images"] = window["skipped_images"]
+        self.logger.log(row)
+        progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
+        if progress.disable:  # no terminal (CI, SLURM logs): one plain line per log row instead
+            print(
+                f"step {row['step']} epoch {row['epoch']:.2f} loss {row['loss']:.4f} lr {lr:.3e} "
+                f"{row['images_per_sec']:.0f} img/s",
+                flush=True,
+            )
+
+    def checkpoint_due(self) -> bool:
+        return time.monotonic() - self.last_save >= 60 * self.cfg.trainer.checkpoint_every_minutes
+
+    def save_checkpoint(self, epoch: int) -> Path:
+        # A finite loss can still leave non-finite weights behind (the update after it diverged):
+        # such weights must never replace the last good checkpoint.
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLoss(
+                f"the weights became non-finite by step {self.state.step}; the run stopped and the last "
+                "checkpoint before it is kept. Lower optimizer.lr or set trainer.clip_grad"
+            )
+        self.state.epoch = epoch
+        checkpoint = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "train_state": asdict(self.state),
+            "rng": rng_state(),
+        }
+        if self.ema is not None:
+            checkpoint["model_ema"] = self.ema.module.state_dict()
+        path = self.checkpoints.save(checkpoint)
+        self.last_save = time.monotonic()
+        return path
+
+    def evaluate(self) -> dict[str, float]:
+        """top1, top5, val_loss of the model (and with an `_ema` suffix, of the EMA weights)."""
+        settings = dict(device=self.device, autocast=self.autocast, memory_format=self.memory_format)
+        models = {"": self.forward} | ({"_ema": self.ema.module} if self.ema is not None else {})
+        result = {}
+        for suffix, model in models.items():
+            scores = evaluate(model, self.val_loader, **settings)
+            result.update({f"top1{suffix}": scores["top1"], f"top5{suffix}": scores["top5"], f"val_loss{suffix}": scores["loss"]})
+        return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    validate_train_config(cfg)
+    run = build_run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    state, epochs = run.state, cfg.trainer.epochs
+    started = time.perf_counter()
+    if state.epoch >= epochs:
+        print(f"{run.run_dir}: already trained for {epochs} epochs; nothing to do", flush=True)
+    for epoch in range(state.epoch, epochs):
+        train_one_epoch(run, epoch)
+        if (epoch + 1) % cfg.trainer.eval_every_epochs == 0 or epoch + 1 == epochs:
+            evaluate_and_keep_best(run, epoch)
+        else:
+            run.save_checkpoint(epoch + 1)
+    summary = write_summary(run, wall_seconds=time.perf_counter() - started)
+    run.logger.close()
+    return summary
+
+
+def evaluate_and_keep_best(run: Run, epoch: int) -> None:
+    state = run.state
+    result = run.evaluate()
+    state.last_eval = result
+    run.logger.log({"step": state.step, "epoch": epoch + 1, **result})
+    text = f"epoch {epoch + 1}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%"
+    if "top1_ema" in result:
+        text += f"  EMA top-1 {result['top1_ema']:.2f}%"
+    print(text, flush=True)
+    improved = result["top1"] > state.best_top1
+    improved_ema = "top1_ema" in result and result["top1_ema"] > state.best_top1_ema
+    state.best_top1 = max(state.best_top1, result["top1"])
+    state.best_top1_ema = max(state.best_top1_ema, result.get("top1_ema", -1.0))
+    path = run.save_checkpoint(epoch + 1)
+    if improved:
+        run.checkpoints.mark_best("best.pt", path)
+    if improved_ema:
+        run.checkpoints.mark_best("best_ema.pt", path)
+
+
+def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
+    state = run.state
+    summary = {
+        "epochs": state.epoch,
+        "steps": state.step,
+        "top1": state.last_eval.get("top1"),
+        "top5": state.last_eval.get("top5"),
+        "best_top1": state.best_top1,
+        "wall_seconds": wall_seconds,
+        "train_seconds": state.train_seconds,
+        "images_per_sec": state.train_images / state.train_seconds if state.train_seconds else None,
+        "skipped_images": state.skipped_images,
+    }
+    if run.ema is not None:
+        summary.update(top1_ema=state.last_eval.get("top1_ema"), best_top1_ema=state.best_top1_ema)
+    run.logger.write_summary(summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------------
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    seed_everything(t.seed)
+    world_size, rank = 1, 0
+
+    train_images, val_images = build_datasets(cfg.data, cfg.aug, seed=t.seed)
+    accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
+    steps_per_epoch = len(train_images) // t.global_batch_size
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"the training set has {len(train_images)} images, fewer than one global batch "
+            f"(trainer.global_batch_size={t.global_batch_size}): lower it or add data"
+        )
+    train_sampler = EpochSampler(len(train_images), seed=t.seed, shuffle=True, drop_last=True, rank=rank, world_size=world_size)
+    loader = partial(make_loader, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda")
+    train_loader = loader(train_images, train_sampler, batch_size=t.micro_batch_size, drop_last=True)
+    val_sampler = EpochSampler(len(val_images), seed=t.seed, shuffle=False, drop_last=False, rank=rank, world_size=world_size)
+    val_loader = loader(val_images, val_sampler, batch_size=t.micro_batch_size, drop_last=False)
+
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = build_model(cfg.model).to(device=device, memory_format=memory_format)
+    ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
+    optimizer = build_optimizer(model, cfg.optimizer, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    warmup_steps = round(cfg.scheduler.warmup_epochs * steps_per_epoch)
+    lr_at = partial(
+        cosine_lr,
+        base_lr=cfg.optimizer.lr,
+        min_lr=cfg.scheduler.min_lr,
+        warmup_steps=warmup_steps,
+        total_steps=t.epochs * steps_per_epoch,
+    )
+
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", keep_last=t.keep_last)
+    state = TrainState()
+    resumed = checkpoints.latest()
+    if resumed is not None:
+        state = restore(resumed, cfg, model, ema, optimizer, scaler)
+        print(f"resumed from {checkpoints.directory} at epoch {state.epoch}, step {state.step}", flush=True)
+    logger = RunLogger(
+        run_dir,
+        cfg.logger,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        resume_step=state.step if resumed is not None else None,
+    )
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        model=model,
+        forward=torch.compile(model) if t.compile else model,
+        ema=ema,
+        optimizer=optimizer,
+        scaler=scaler,
+        criterion=train_loss(cfg.aug),
+        mixup=mixup_fn(cfg.aug, cfg.data.num_classes),
+        train_loader=train_loader,
+        train_sampler=train_sampler,
+        val_loader=val_loader,
+        steps_per_epoch=steps_per_epoch,
+        accumulation=accumulation,
+        samples_per_step_per_rank=t.global_batch_size // world_size,
+        lr_at=lr_at,
+        memory_format=memory_format,
+        logger=logger,
+        checkpoints=checkpoints,
+        state=state,
+    )
+
+
+def restore(checkpoint: dict, cfg: DictConfig, model, ema, optimizer, scaler) -> TrainState:
+    try:
+        model.load_state_dict(checkpoint["model"])
+        if ema is not None and "model_ema" in checkpoint:
+            ema.module.load_state_dict(checkpoint["model_ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise CheckpointError(
+            f"the run directory's checkpoint does not fit this config ({error}); "
+            "use another hydra.run.dir or remove its checkpoints/ to start afresh"
+        ) from error
+    restore_rng_state(checkpoint["rng"])
+    return TrainState(**checkpoint["train_state"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA device is visible: use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+

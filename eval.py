@@ -1,0 +1,18 @@
+"""Score a ConvNeXt checkpoint: `python eval.py model=convnext_t checkpoint=<file>`."""
+
+import hydra
+from omegaconf import DictConfig
+
+from convnext_train.errors import exit_on_user_error
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="eval")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    from convnext_train.evaluate import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

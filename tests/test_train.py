@@ -1,0 +1,273 @@
+"""The real train.py and eval.py, in subprocesses, on tiny real data."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+# A tiny but complete run: ConvNeXt-atto at 32 px, 64 training images, 4 steps of 16 per epoch
+# with 2 micro-batches of accumulation, the full augmentation recipe, EMA, drop path.
+TINY_RUN = [
+    "model=convnext_atto",
+    "model.drop_path_rate=0.1",
+    "data.num_classes=4",
+    "data.img_size=32",
+    "data.num_workers=0",
+    "trainer.epochs=2",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=8",
+    "trainer.precision=fp32",
+    "trainer.log_every=1",
+    "scheduler.warmup_epochs=1",
+    "ema.decay=0.9",
+]
+
+
+def tiny_run(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY_RUN, f"data.root={data_root}", f"hydra.run.dir={run_dir}", *extra]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a} != {b}"
+
+
+# --------------------------------------------------------------------------------------------------
+# A run, its outputs, and the official lr formula
+# --------------------------------------------------------------------------------------------------
+def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs):
+    """The official ConvNeXt utils.cosine_scheduler, from its published definition."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(0, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, cosine))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_imagefolder, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, "trainer.checkpoint_every_minutes=0.0001"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_run_writes_metrics_summary_and_checkpoints(finished_run):
+    run_dir, _ = finished_run
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "top1" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert all({"step", "epoch", "lr", "loss", "images_per_sec"} <= r.keys() for r in train_rows)
+    assert [r["epoch"] for r in eval_rows] == [1, 2]
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 and "top1_ema" in r for r in eval_rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 8
+    assert summary["top1"] == eval_rows[-1]["top1"] and summary["top1_ema"] == eval_rows[-1]["top1_ema"]
+    assert summary["best_top1"] == max(r["top1"] for r in eval_rows)
+    assert summary["images_per_sec"] > 0
+
+    checkpoints = run_dir / "checkpoints"
+    steps = sorted(p.name for p in checkpoints.glob("step_*.pt"))
+    assert steps == ["step_000000007.pt", "step_000000008.pt"]  # keep_last=2
+    last = load(checkpoints / "last.pt")
+    assert last["step"] == 8 and last["epoch"] == 2
+    assert {"model", "model_ema", "optimizer", "scaler", "config"} <= last.keys()
+    assert last["config"]["trainer"]["global_batch_size"] == 16
+    assert "stages.2.5.dwconv.weight" in last["model"]  # official key names
+    assert (checkpoints / "best.pt").exists() and (checkpoints / "best_ema.pt").exists()
+    assert not list(checkpoints.glob("*.tmp*")) and not list(checkpoints.glob(".*"))
+
+
+def test_lr_of_every_step_equals_the_official_schedule(finished_run):
+    run_dir, _ = finished_run
+    lrs = [r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "lr" in r]
+    expected = official_cosine_scheduler(4e-3, 1e-6, epochs=2, niter_per_ep=4, warmup_epochs=1)
+    assert lrs == pytest.approx(expected.tolist(), rel=1e-12, abs=0)
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(4e-3)
+
+
+def test_rerunning_a_finished_run_does_nothing(finished_run, tiny_imagefolder):
+    run_dir, _ = finished_run
+    before = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nothing to do" in result.stdout
+    assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_plot_turns_the_run_into_a_png(finished_run):
+    run_dir, _ = finished_run
+    result = subprocess.run([sys.executable, "-m", "convnext_train.plot", str(run_dir)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Kill at any moment, restart, same weights
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_bitwise_equal(finished_run, tiny_imagefolder, tmp_path):
+    reference_dir, _ = finished_run
+    run_dir = tmp_path / "killed"
+    # One worker process here, none in the reference: the data must not depend on it either.
+    args = tiny_run(tiny_imagefolder, run_dir, "trainer.checkpoint_every_minutes=0.0001", "data.num_workers=1")
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_000000006.pt").exists():  # mid-epoch 2
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    # The newest checkpoint is damaged too (a disk filled up, say): resume must fall back a step.
+    newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = run_script("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping unreadable checkpoint" in result.stderr
+    assert "resumed from" in result.stdout
+
+    reference, resumed = load(reference_dir / "checkpoints" / "last.pt"), load(run_dir / "checkpoints" / "last.pt")
+    for key in ("model", "model_ema", "optimizer", "scaler", "step", "epoch"):
+        assert_same_tensors(reference[key], resumed[key], key)
+    # metrics.jsonl has each step once, as if the run had never stopped.
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 9))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one clear line, a non-zero exit code, nothing lost
+# --------------------------------------------------------------------------------------------------
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_missing_data_root_explains_the_layout(tmp_path):
+    result = run_script("train.py", *tiny_run(tmp_path / "nowhere", tmp_path / "run"))
+    assert_user_error(result, str(tmp_path / "nowhere"), "<root>/train/<class>/", "prepare_imagenet.py")
+
+
+def test_empty_data_root_explains_the_layout(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    result = run_script("train.py", *tiny_run(tmp_path / "data", tmp_path / "run"))
+    assert_user_error(result, "no usable images", "<root>/train/<class>/")
+
+
+def test_unknown_model_lists_the_variants(tmp_path, tiny_imagefolder):
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, tmp_path / "run"), "model=convnext_tinyy")
+    assert result.returncode != 0
+    assert "Could not find 'model/convnext_tinyy'" in result.stderr
+    assert "convnext_t\n" in result.stderr and "convnextv2_atto" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.precision=fp8", "trainer.precision=fp8"),
+        ("trainer.global_batch_size=12", "trainer.global_batch_size=12"),
+        ("optimizer.lr=-1", "optimizer.lr=-1"),
+        ("aug.reprob=1.5", "aug.reprob=1.5"),
+        ("ema.decay=1", "ema.decay=1"),
+    ],
+)
+def test_invalid_config_value_fails_before_any_compute(tmp_path, tiny_imagefolder, override, key):
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir), override)
+    assert_user_error(result, key)
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(tmp_path):
+    from conftest import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "data")
+    broken = root / "train" / "class_1" / "train_1_3.jpg"
+    broken.write_bytes(broken.read_bytes()[:100])
+    # Read by a DataLoader worker process: the message must still be the one line.
+    result = run_script("train.py", *tiny_run(root, tmp_path / "run1"), "trainer.epochs=1", "data.num_workers=1")
+    assert_user_error(result, str(broken), "data.skip_corrupt=true")
+
+    result = run_script("train.py", *tiny_run(root, tmp_path / "run2"), "trainer.epochs=1", "data.skip_corrupt=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert summary["skipped_images"] == 1  # one epoch sees every training image exactly once
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_imagefolder):
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "train.py",
+        *tiny_run(tiny_imagefolder, run_dir, "trainer.checkpoint_every_minutes=0.0001"),
+        "optimizer.lr=1e30",
+        "scheduler.warmup_epochs=0",
+        "ema.enabled=false",
+    )
+    message = assert_user_error(result, "non-finite", "step")
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    stopped_at = int(message.split("step ")[1].split(";")[0].split()[0])
+    for path in checkpoints:
+        checkpoint = load(path)
+        assert checkpoint["step"] < stopped_at
+        assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_eval_refuses_a_checkpoint_for_another_architecture(finished_run, tiny_imagefolder):
+    run_dir, _ = finished_run
+    result = run_script("eval.py", "model=convnext_femto", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "data.num_classes=4")
+    assert_user_error(result, "different architecture", "shape")
+
+
+# --------------------------------------------------------------------------------------------------
+# eval.py scores what train.py wrote, with the official protocol
+# --------------------------------------------------------------------------------------------------
+def test_eval_scores_checkpoints_and_agrees_with_training(finished_run, tiny_imagefolder, tmp_path):
+    run_dir, _ = finished_run
+    last = run_dir / "checkpoints" / "last.pt"
+    common = ["model=convnext_atto", f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.img_size=32", "data.num_workers=0"]
+    result = run_script("eval.py", *common, f"checkpoint=[{last},{last}]", "eval.use_ema=true", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert len(scores) == 2 and scores[0]["images"] == 16
+    final_eval = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "top1" in r][-1]
+    assert scores[0]["top1"] == pytest.approx(final_eval["top1_ema"])
+    assert scores[0]["top5"] == pytest.approx(final_eval["top5_ema"])
+    assert scores[0]["params"] == 3_695_520 - 996 * 320 - 996 + 0  # atto with a 4-class head
+    assert "| convnext_atto |" in result.stdout and "(EMA)" in result.stdout
