@@ -55,6 +55,8 @@ def train_one_epoch(run, epoch: int) -> None:
         if run.checkpoint_due():
             window.raise_if_non_finite()
             run.save_checkpoint(epoch)
+    if window.count:  # the epoch's last steps since the previous row
+        run.log_training(window.read_and_reset(state.step), run.lr_at(state.step - 1), progress)
     window.raise_if_non_finite()
     progress.close()
 

@@ -255,9 +255,9 @@ def test_hostile_pickle_is_refused_unless_trusted(tmp_path, zip_format):
     checkpoint = {"model": ours().state_dict(), "extra": CreatesMarkerFileWhenUnpickled(marker)}
     torch.save(checkpoint, path, _use_new_zipfile_serialization=zip_format)
 
-    with pytest.raises(CheckpointError, match="trust_checkpoint=true"):
+    with pytest.raises(CheckpointError, match="eval.trust_checkpoint=true"):
         read_checkpoint(path)
-    with pytest.raises(CheckpointError, match="trust_checkpoint=true"):
+    with pytest.raises(CheckpointError, match="eval.trust_checkpoint=true"):
         load_weights(ours(), path)
     assert not marker.exists()
 
@@ -338,7 +338,7 @@ def test_legacy_file_cut_inside_its_pickles_is_corrupt_not_untrusted(tmp_path):
 def test_whole_model_pickle_needs_trust_and_then_gives_its_weights(tmp_path, images):
     model = ours("v2")
     torch.save(model, tmp_path / "model.pth")  # the whole module, as some scripts do
-    with pytest.raises(CheckpointError, match="trust_checkpoint=true"):
+    with pytest.raises(CheckpointError, match="eval.trust_checkpoint=true"):
         read_checkpoint(tmp_path / "model.pth")
 
     fresh = ours("v2", seed=1)

@@ -271,3 +271,59 @@ def test_eval_scores_checkpoints_and_agrees_with_training(finished_run, tiny_ima
     assert scores[0]["top5"] == pytest.approx(final_eval["top5_ema"])
     assert scores[0]["params"] == 3_695_520 - 996 * 320 - 996 + 0  # atto with a 4-class head
     assert "| convnext_atto |" in result.stdout and "(EMA)" in result.stdout
+
+
+def test_wandb_offline_run_holds_what_metrics_jsonl_holds(tiny_imagefolder, tmp_path):
+    from test_metrics import offline_runs, wandb_history, wandb_summary
+
+    run_dir = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env |= {v: str(tmp_path / v.lower()) for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, "logger=wandb", "trainer.epochs=1"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    (records,) = offline_runs(run_dir, run_id)
+    history = {row["_step"]: row for row in wandb_history(records)}
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
+        logged = history[row["step"]]
+        for key, value in row.items():
+            if key != "step":
+                assert logged[key] == pytest.approx(value), key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert wandb_summary(records)["best_top1"] == summary["best_top1"]
+
+
+class _Payload:
+    """Unpickling this runs `Path.touch` on the marker: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_eval_refuses_a_hostile_checkpoint_without_running_it(tmp_path):
+    marker = tmp_path / "payload-ran"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"model": {}, "extra": _Payload(marker)}, hostile)
+    result = run_script("eval.py", "model=convnext_atto", f"checkpoint={hostile}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, str(hostile), "eval.trust_checkpoint=true")
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo learns a real dataset
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_digits_demo_reaches_98_percent_on_the_held_out_split(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", "experiment=digits", f"data.root={tmp_path / 'digits'}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 20
+    assert summary["top1"] >= 98.0 and summary["top1_ema"] >= 98.0
+    evaluations = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "top1" in r]
+    assert evaluations[0]["top1"] < summary["top1"]  # it learned over the run, not before it
+    val_images = sum(1 for _ in (tmp_path / "digits" / "val").rglob("*.png"))
+    assert val_images == 360  # held out: the 20% split, never trained on

@@ -21,7 +21,8 @@ def build_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> t
     if data_cfg.kind == "digits":
         from convnext_train.data.digits import write_digits_imagefolder
 
-        write_digits_imagefolder(root, img_size=data_cfg.img_size, seed=seed)
+        # The held-out split is part of the dataset, not of the run: it does not follow trainer.seed.
+        write_digits_imagefolder(root, img_size=data_cfg.img_size)
     # The ImageFolder datasets decode only; the transforms run inside SeededSamples, under RNGs
     # seeded per (epoch, sample), which is what makes a resumed run bitwise equal.
     train, val = train_and_val_datasets(
