@@ -15,7 +15,6 @@ import os
 import pickle
 import pickletools
 import re
-import uuid
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from convnext_train.atomic import write_atomically
 from convnext_train.errors import UserError
 
 try:  # numpy >= 2 moved `numpy.core` to `numpy._core`
@@ -184,25 +184,11 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     # Validated before touching the disk.
     tensors = _flat_tensor_dict(obj, path) if path.suffix == ".safetensors" else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file sits in the target directory so that os.replace is a same-filesystem rename.
-    # We create it with open() so that it follows the umask: tempfile.mkstemp and safetensors' save_file
-    # both create private 0600 files, which the checkpoint would inherit.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("xb") as file:
-            if tensors is not None:
-                # transformers 4.x `from_pretrained` refuses safetensors files without this metadata.
-                file.write(safetensors.torch.save(tensors, metadata={"format": "pt"}))
-            else:
-                torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    if tensors is not None:
+        # transformers 4.x `from_pretrained` refuses safetensors files without this metadata.
+        write_atomically(path, lambda file: file.write(safetensors.torch.save(tensors, metadata={"format": "pt"})))
+    else:
+        write_atomically(path, lambda file: torch.save(obj, file))
 
 
 def _flat_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -212,15 +198,6 @@ def _flat_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
             "checkpoints (optimizer, epoch, ...) with a .pth suffix instead."
         )
     return {name: tensor.detach().cpu().contiguous() for name, tensor in obj.items()}
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable: without this, a power cut can lose the new directory entry."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,6 +442,28 @@ def load_weights(
     state_dict = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
     _check_fits(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_pretrained(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    *,
+    use_ema: bool = False,
+    trusted: bool = False,
+) -> bool:
+    """Start fine-tuning from a checkpoint of any supported layout: every weight must fit, except a
+    classifier head for another number of classes (ImageNet-22K -> 1K, say), which keeps the
+    model's fresh initialisation, as the official fine-tuning does. Returns whether it did."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint, trusted=trusted)
+    state_dict = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
+    head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    head_differs = any(k in state_dict and state_dict[k].shape != v.shape for k, v in head.items())
+    if head_differs:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")} | head
+    _check_fits(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    return head_differs
 
 
 def _check_fits(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:

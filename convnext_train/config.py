@@ -40,6 +40,7 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     require(t.clip_grad is None or (_number(t.clip_grad) and t.clip_grad > 0), "trainer.clip_grad", "must be null or > 0")
     require(isinstance(t.seed, int), "trainer.seed", "must be an integer")
     require(_number(opt.lr) and opt.lr > 0, "optimizer.lr", "must be > 0")
+    require(_positive_int(opt.lr_reference_batch), "optimizer.lr_reference_batch", "must be a positive integer")
     require(_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     require(_number(opt.layer_decay) and 0 < opt.layer_decay <= 1, "optimizer.layer_decay", "must be in (0, 1]")
     require(_number(cfg.scheduler.warmup_epochs) and cfg.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0")

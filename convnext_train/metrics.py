@@ -8,13 +8,13 @@ rows logged after the checkpoint it resumes from, because it is about to log tho
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from convnext_train.atomic import write_text_atomically
 from convnext_train.errors import UserError
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class RunLogger:
         if not self._enabled:
             return
         plain_summary = {key: _plain_value(value) for key, value in summary.items()}
-        _write_atomically(self._run_dir / SUMMARY_FILE, json.dumps(plain_summary, indent=2) + "\n")
+        write_text_atomically(self._run_dir / SUMMARY_FILE, json.dumps(plain_summary, indent=2) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.summary.update(plain_summary)
 
@@ -132,29 +132,13 @@ def _drop_rows_after(metrics_path: Path, resume_step: int) -> None:
     if not metrics_path.exists():
         return
     kept = [line for line in _complete_lines(metrics_path) if json.loads(line)["step"] <= resume_step]
-    _write_atomically(metrics_path, "".join(line + "\n" for line in kept))
+    write_text_atomically(metrics_path, "".join(line + "\n" for line in kept))
 
 
 def _plain_value(value: Any) -> Any:
     # 0-dim torch tensors and numpy scalars both expose `.item()`, which gives the Python number json
     # needs; anything bigger than one element raises there, which is a caller bug worth a traceback.
     return value.item() if hasattr(value, "item") else value
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # The temporary file sits next to the target so that os.replace is a same-filesystem rename:
-    # readers see the old file or the new one, never a half-written one. (Opened with plain `open`,
-    # not mkstemp, so it gets the usual umask permissions rather than 0600.)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with temporary.open("x", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _start_wandb_run(run_dir: Path, logger_cfg: Mapping[str, Any], config: dict, *, resuming: bool) -> wandb.Run:
@@ -191,5 +175,5 @@ def _wandb_run_id(run_dir: Path, *, resuming: bool) -> str:
         return id_path.read_text(encoding="utf-8").strip()
     # W&B run ids are short lowercase alphanumerics; 8 hex digits make a collision negligible.
     run_id = secrets.token_hex(4)
-    _write_atomically(id_path, run_id + "\n")
+    write_text_atomically(id_path, run_id + "\n")
     return run_id

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from convnext_train.checkpoints import CheckpointError
+from convnext_train.checkpoints import CheckpointError, load_pretrained
 from convnext_train.config import validate_train_config
 from convnext_train.data.datasets import build_datasets
 from convnext_train.data.loaders import EpochSampler, make_loader
@@ -70,7 +70,7 @@ class Run:
     mixup: Callable | None
     train_loader: Any
     train_sampler: EpochSampler
-    val_loader: Any
+    val_loader: Any  # None: no validation split (ImageNet-22K pre-training)
     steps_per_epoch: int
     accumulation: int
     samples_per_step_per_rank: int
@@ -165,17 +165,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run = build_run(cfg, Path(HydraConfig.get().runtime.output_dir))
     state, epochs = run.state, cfg.trainer.epochs
     started = time.perf_counter()
+    print(f"run directory: {run.run_dir}", flush=True)
     if state.epoch >= epochs:
-        print(f"{run.run_dir}: already trained for {epochs} epochs; nothing to do", flush=True)
-    for epoch in range(state.epoch, epochs):
-        train_one_epoch(run, epoch)
-        if (epoch + 1) % cfg.trainer.eval_every_epochs == 0 or epoch + 1 == epochs:
-            evaluate_and_keep_best(run, epoch)
-        else:
-            run.save_checkpoint(epoch + 1)
-    summary = write_summary(run, wall_seconds=time.perf_counter() - started)
-    run.logger.close()
-    return summary
+        print(f"already trained for {epochs} epochs; nothing to do", flush=True)
+    with run.logger:  # closes the W&B run (as failed, on an exception) whatever happens
+        for epoch in range(state.epoch, epochs):
+            train_one_epoch(run, epoch)
+            evaluation_due = (epoch + 1) % cfg.trainer.eval_every_epochs == 0 or epoch + 1 == epochs
+            if run.val_loader is not None and evaluation_due:
+                evaluate_and_keep_best(run, epoch)
+            else:
+                run.save_checkpoint(epoch + 1)
+        return write_summary(run, wall_seconds=time.perf_counter() - started)
 
 
 def evaluate_and_keep_best(run: Run, epoch: int) -> None:
@@ -237,26 +238,32 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     train_sampler = EpochSampler(len(train_images), seed=t.seed, shuffle=True, drop_last=True, rank=rank, world_size=world_size)
     loader = partial(make_loader, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda")
     train_loader = loader(train_images, train_sampler, batch_size=t.micro_batch_size, drop_last=True)
-    val_sampler = EpochSampler(len(val_images), seed=t.seed, shuffle=False, drop_last=False, rank=rank, world_size=world_size)
-    val_loader = loader(val_images, val_sampler, batch_size=t.micro_batch_size, drop_last=False)
+    val_loader = None
+    if val_images is not None:
+        val_sampler = EpochSampler(len(val_images), seed=t.seed, shuffle=False, drop_last=False, rank=rank, world_size=world_size)
+        val_loader = loader(val_images, val_sampler, batch_size=t.micro_batch_size, drop_last=False)
 
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", keep_last=t.keep_last)
+    resumed = checkpoints.latest()
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = build_model(cfg.model).to(device=device, memory_format=memory_format)
+    model = build_model(cfg.model)
+    if cfg.finetune.checkpoint and resumed is None:
+        f = cfg.finetune
+        if load_pretrained(model, f.checkpoint, use_ema=f.use_ema, trusted=f.trust_checkpoint):
+            print(f"fine-tuning from {f.checkpoint}: the head is re-initialised for {cfg.data.num_classes} classes", flush=True)
+    model = model.to(device=device, memory_format=memory_format)
     ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
     optimizer = build_optimizer(model, cfg.optimizer, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    warmup_steps = round(cfg.scheduler.warmup_epochs * steps_per_epoch)
     lr_at = partial(
         cosine_lr,
-        base_lr=cfg.optimizer.lr,
+        base_lr=peak_lr(cfg),
         min_lr=cfg.scheduler.min_lr,
-        warmup_steps=warmup_steps,
+        warmup_steps=round(cfg.scheduler.warmup_epochs * steps_per_epoch),
         total_steps=t.epochs * steps_per_epoch,
     )
 
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", keep_last=t.keep_last)
     state = TrainState()
-    resumed = checkpoints.latest()
     if resumed is not None:
         state = restore(resumed, cfg, model, ema, optimizer, scaler)
         print(f"resumed from {checkpoints.directory} at epoch {state.epoch}, step {state.step}", flush=True)
@@ -289,6 +296,15 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         checkpoints=checkpoints,
         state=state,
     )
+
+
+def peak_lr(cfg: DictConfig) -> float:
+    """`optimizer.lr` is the recipe's value at `lr_reference_batch`; it follows the global batch
+    linearly only when `optimizer.scale_lr_with_batch` asks for it."""
+    opt = cfg.optimizer
+    if opt.scale_lr_with_batch:
+        return opt.lr * cfg.trainer.global_batch_size / opt.lr_reference_batch
+    return opt.lr
 
 
 def restore(checkpoint: dict, cfg: DictConfig, model, ema, optimizer, scaler) -> TrainState:

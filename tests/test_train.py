@@ -327,3 +327,49 @@ def test_digits_demo_reaches_98_percent_on_the_held_out_split(tmp_path):
     assert evaluations[0]["top1"] < summary["top1"]  # it learned over the run, not before it
     val_images = sum(1 for _ in (tmp_path / "digits" / "val").rglob("*.png"))
     assert val_images == 360  # held out: the 20% split, never trained on
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning, lr scaling, pre-training without a validation split
+# --------------------------------------------------------------------------------------------------
+def test_finetuning_loads_the_backbone_and_reinitialises_a_head_of_another_size(finished_run, tmp_path):
+    from conftest import make_imagefolder
+
+    pretrained_path = finished_run[0] / "checkpoints" / "last.pt"
+    three_classes = make_imagefolder(tmp_path / "data", classes=3)
+    run_dir = tmp_path / "run"
+    args = tiny_run(three_classes, run_dir, "data.num_classes=3", "trainer.epochs=1", f"finetune.checkpoint={pretrained_path}")
+    # An lr of 1e-12 leaves the weights where fine-tuning started them.
+    result = run_script("train.py", *args, "optimizer.lr=1e-12", "finetune.use_ema=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the head is re-initialised for 3 classes" in result.stdout
+    pretrained, tuned = load(pretrained_path)["model_ema"], load(run_dir / "checkpoints" / "last.pt")["model"]
+    assert tuned["head.weight"].shape == (3, 320)
+    backbone = [k for k in pretrained if not k.startswith("head.")]
+    assert all(torch.allclose(tuned[k], pretrained[k], atol=1e-8) for k in backbone)
+
+
+def test_lr_follows_the_global_batch_only_when_asked(finished_run, tiny_imagefolder, tmp_path):
+    from omegaconf import OmegaConf
+
+    from convnext_train.trainer import peak_lr
+
+    cfg = OmegaConf.create({"optimizer": {"lr": 4e-3, "lr_reference_batch": 4096, "scale_lr_with_batch": False}, "trainer": {"global_batch_size": 1024}})
+    assert peak_lr(cfg) == 4e-3
+    cfg.optimizer.scale_lr_with_batch = True
+    assert peak_lr(cfg) == pytest.approx(1e-3)
+    run_dir = tmp_path / "run"
+    extra = ("optimizer.scale_lr_with_batch=true", "optimizer.lr_reference_batch=64", "trainer.epochs=1", "scheduler.warmup_epochs=1")
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lrs = [r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "lr" in r]
+    assert max(lrs) == pytest.approx(4e-3 * 16 / 64)
+
+
+def test_pretraining_without_a_validation_split_skips_evaluation(tiny_imagefolder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, "data.val_split=null", "trainer.epochs=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not [r for r in read_jsonl(run_dir / "metrics.jsonl") if "top1" in r]
+    assert json.loads((run_dir / "summary.json").read_text())["top1"] is None
+    assert load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
