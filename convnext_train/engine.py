@@ -8,6 +8,8 @@ reaches a checkpoint).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,8 +17,11 @@ from torch import nn
 from convnext_train.errors import UserError
 from convnext_train.optim import set_lr
 
+if TYPE_CHECKING:
+    from convnext_train.trainer import Run
 
-def train_one_epoch(run, epoch: int) -> None:
+
+def train_one_epoch(run: Run, epoch: int) -> None:
     """Optimizer steps of `epoch` from where `run.state` stands (mid-epoch after a resume)."""
     t, state = run.cfg.trainer, run.state
     first_step = state.step - epoch * run.steps_per_epoch
@@ -26,30 +31,8 @@ def train_one_epoch(run, epoch: int) -> None:
     window = LossWindow(run.device, state.step)
     progress = run.progress(epoch, first_step)
     for _ in range(first_step, run.steps_per_epoch):
-        lr = run.lr_at(state.step)
-        set_lr(run.optimizer, lr)
-        for _micro in range(run.accumulation):
-            images, targets, replaced = next(batches)
-            window.skipped_images += int(replaced.sum())  # a CPU tensor: no device sync
-            images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
-            targets = targets.to(run.device, non_blocking=True)
-            if run.mixup is not None:
-                images, targets = run.mixup(images, targets)
-            with run.autocast():
-                loss = run.criterion(run.forward(images), targets)
-            run.scaler.scale(loss / run.accumulation).backward()
-            window.add(loss.detach(), state.step)
-        if t.clip_grad:
-            run.scaler.unscale_(run.optimizer)
-            nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.ema is not None:
-            run.ema.update(run.model, step=state.step)
-        state.step += 1
+        lr = optimizer_step(run, batches, window)
         progress.update()
-
         if state.step % t.log_every == 0:
             run.log_training(window.read_and_reset(state.step), lr, progress)
         if run.checkpoint_due():
@@ -59,6 +42,34 @@ def train_one_epoch(run, epoch: int) -> None:
         run.log_training(window.read_and_reset(state.step), run.lr_at(state.step - 1), progress)
     window.raise_if_non_finite()
     progress.close()
+
+
+def optimizer_step(run: Run, batches: Iterator, window: LossWindow) -> float:
+    """One step of the recipe: `run.accumulation` micro-batches of forward and backward, then the
+    AdamW update at lr(step) and the EMA update. Returns the lr it used."""
+    lr = run.lr_at(run.state.step)
+    set_lr(run.optimizer, lr)
+    for _micro in range(run.accumulation):
+        images, targets, replaced = next(batches)
+        window.skipped_images += int(replaced.sum())  # a CPU tensor: no device sync
+        images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
+        targets = targets.to(run.device, non_blocking=True)
+        if run.mixup is not None:
+            images, targets = run.mixup(images, targets)
+        with run.autocast():
+            loss = run.criterion(run.forward(images), targets)
+        run.scaler.scale(loss / run.accumulation).backward()
+        window.add(loss.detach(), run.state.step)
+    if run.cfg.trainer.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.trainer.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.state.step)
+    run.state.step += 1
+    return lr
 
 
 class LossWindow:
