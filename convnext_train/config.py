@@ -5,7 +5,9 @@ Every problem names the key and the accepted values, so a typo costs seconds, no
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from convnext_train.errors import UserError
 
@@ -14,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
+    _resolve(cfg)
     t, opt, aug = cfg.trainer, cfg.optimizer, cfg.aug
     problems: list[str] = []
 
@@ -45,6 +48,8 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     require(_number(opt.layer_decay) and 0 < opt.layer_decay <= 1, "optimizer.layer_decay", "must be in (0, 1]")
     require(_number(cfg.scheduler.warmup_epochs) and cfg.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0")
     require(_number(cfg.scheduler.min_lr) and cfg.scheduler.min_lr >= 0, "scheduler.min_lr", "must be >= 0")
+    if _number(cfg.scheduler.warmup_epochs) and _positive_int(t.epochs):
+        require(cfg.scheduler.warmup_epochs <= t.epochs, "scheduler.warmup_epochs", f"must not exceed trainer.epochs={t.epochs}")
     require(_number(cfg.ema.decay) and 0 <= cfg.ema.decay < 1, "ema.decay", "must be in [0, 1)")
     for key in ("reprob", "hflip", "label_smoothing", "mixup_prob", "mixup_switch_prob"):
         require(_number(aug[key]) and 0 <= aug[key] <= 1, f"aug.{key}", "must be in [0, 1]")
@@ -59,6 +64,23 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers", "must be an integer >= 0")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """Resolve every interpolation now. An experiment's per-variant table (`ft_in1k_384.convnext_b`,
+    say) has no row for a variant it does not cover: name the table's variants instead of a trace."""
+    try:
+        OmegaConf.resolve(cfg)
+    except InterpolationResolutionError as error:
+        key = str(error).split("'")[1] if "'" in str(error) else ""
+        table, _, _ = key.partition(".")
+        if table in cfg and isinstance(cfg[table], DictConfig):
+            variant = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+            raise UserError(
+                f"experiment {table} has no values for model={variant}: it covers "
+                f"{', '.join(cfg[table].keys())}; pick one of those or set the missing keys yourself"
+            ) from None
+        raise UserError(f"the config does not resolve: {error}") from None
 
 
 def _show(cfg: DictConfig, key: str):

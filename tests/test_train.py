@@ -373,3 +373,13 @@ def test_pretraining_without_a_validation_split_skips_evaluation(tiny_imagefolde
     assert not [r for r in read_jsonl(run_dir / "metrics.jsonl") if "top1" in r]
     assert json.loads((run_dir / "summary.json").read_text())["top1"] is None
     assert load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_an_experiment_without_a_row_for_the_model_names_the_variants_it_covers(tiny_imagefolder, tmp_path):
+    result = run_script("train.py", "experiment=ft_in1k_384", "model=convnext_t", f"data.root={tiny_imagefolder}", f"hydra.run.dir={tmp_path}")
+    assert_user_error(result, "ft_in1k_384", "model=convnext_t", "convnext_b, convnext_l")
+
+
+def test_warmup_longer_than_the_run_is_refused(tiny_imagefolder, tmp_path):
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, tmp_path / "run"), "scheduler.warmup_epochs=3")
+    assert_user_error(result, "scheduler.warmup_epochs=3", "trainer.epochs=2")
