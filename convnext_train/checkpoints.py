@@ -11,6 +11,7 @@ Hugging Face export.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import pickletools
@@ -408,11 +409,14 @@ _TIMM_MARKER = re.compile(r"stem\.\d+\.|stages\.\d+\.(blocks|downsample)\.|head\
 
 
 def detect_format(state_dict: Mapping[str, Tensor]) -> str:
-    """The layout of a state dict's names: "hf", "timm" or "official".
+    """The layout of a state dict's names: "hf", "timm", "fcmae" or "official".
 
     Anything not recognisably timm or Hugging Face counts as official: loading it then reports exactly
     which names differ, which says more than refusing to guess.
     """
+    # Before Hugging Face's: a bare HF model's names start with `encoder.` too (`encoder.stages.`).
+    if any(name == "mask_token" or name.startswith("encoder.downsample_layers.") for name in state_dict):
+        return "fcmae"
     if any(_HF_MARKER.match(name) for name in state_dict):
         return "hf"
     if any(_TIMM_MARKER.match(name) for name in state_dict):
@@ -420,9 +424,49 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
     return "official"
 
 
+# --------------------------------------------------------------------------------------------------
+# ConvNeXt V2 FCMAE pre-training (the official `convnextv2_*_fcmae.pt` release)
+# --------------------------------------------------------------------------------------------------
+# The FCMAE encoder is a sparse (MinkowskiEngine) ConvNeXt V2 under `encoder.`; beside it sit the
+# decoder, the mask token and the projection/prediction layers, which fine-tuning drops. Sparse
+# modules store convolutions as `kernel` tensors of shape (k*k, in, out), or (k*k, C) depthwise,
+# with the kernel's two spatial axes in the opposite order; LayerNorm and Linear weights one module
+# deeper (`.ln.`, `.linear.`); biases and GRN parameters as (1, C). Only the encoder's blocks and
+# downsampling layers exist: the final norm and the head are trained from scratch when fine-tuning.
+FCMAE_DROPPED = ("decoder", "mask_token", "proj", "pred")
+FCMAE_MISSING = ("norm.", "head.")  # not in the encoder; fine-tuning initialises them
+
+
+def fcmae_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, value in state_dict.items():
+        if any(part in name for part in FCMAE_DROPPED):
+            continue
+        parts = name.removeprefix("encoder.").split(".")
+        if parts[-1] == "kernel":
+            parts[-1] = "weight"
+            if value.ndim == 3:  # (k*k, in, out) -> (out, in, k, k)
+                taps, in_dim, out_dim = value.shape
+                size = math.isqrt(taps)
+                value = value.permute(2, 1, 0).reshape(out_dim, in_dim, size, size).transpose(3, 2)
+            else:  # depthwise (k*k, C) -> (C, 1, k, k)
+                taps, dim = value.shape
+                size = math.isqrt(taps)
+                value = value.permute(1, 0).reshape(dim, 1, size, size).transpose(3, 2)
+        elif len(parts) >= 2 and parts[-2] in ("ln", "linear"):
+            del parts[-2]
+        name = ".".join(parts)
+        if ".grn." in name:
+            value = value.reshape(1, 1, 1, -1)
+        elif parts[-1] == "bias":
+            value = value.reshape(-1)
+        out[name] = value.contiguous()
+    return out
+
+
 def to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Any supported layout -> official names and shapes."""
-    converters = {"hf": hf_to_official, "timm": timm_to_official, "official": dict}
+    converters = {"hf": hf_to_official, "timm": timm_to_official, "fcmae": fcmae_to_official, "official": dict}
     return converters[detect_format(state_dict)](state_dict)
 
 
@@ -453,17 +497,22 @@ def load_pretrained(
 ) -> bool:
     """Start fine-tuning from a checkpoint of any supported layout: every weight must fit, except a
     classifier head for another number of classes (ImageNet-22K -> 1K, say), which keeps the
-    model's fresh initialisation, as the official fine-tuning does. Returns whether it did."""
+    model's fresh initialisation, as the official fine-tuning does; an FCMAE pre-training checkpoint
+    (no head, no final norm) leaves those initialised too. Returns whether the head was."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint, trusted=trusted)
-    state_dict = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
-    head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
-    head_differs = any(k in state_dict and state_dict[k].shape != v.shape for k, v in head.items())
-    if head_differs:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")} | head
+    raw = state_dict_from_checkpoint(checkpoint, use_ema=use_ema)
+    state_dict = to_official(raw)
+    fresh = model.state_dict()
+    head_differs = any(k in state_dict and state_dict[k].shape != fresh[k].shape for k in fresh if k.startswith("head."))
+    keep_fresh = ("head.",) if head_differs else ()
+    if detect_format(raw) == "fcmae":
+        keep_fresh = FCMAE_MISSING
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(keep_fresh)}
+    state_dict |= {k: v for k, v in fresh.items() if k.startswith(keep_fresh)}
     _check_fits(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
-    return head_differs
+    return "head." in keep_fresh
 
 
 def _check_fits(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:

@@ -445,3 +445,58 @@ def test_use_ema_without_ema_weights_lists_the_checkpoint_keys(other_key, other_
     with pytest.raises(CheckpointError, match="no EMA weights") as error:
         state_dict_from_checkpoint(checkpoint, use_ema=True)
     assert f"its keys: model, {other_key}" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# ConvNeXt V2 FCMAE pre-training checkpoints (sparse encoder + decoder)
+# --------------------------------------------------------------------------------------------------
+def fcmae_checkpoint(model: torch.nn.Module) -> dict:
+    """What the official FCMAE release stores for `model`'s encoder, written from the sparse
+    (MinkowskiEngine) layout: `kernel`s of shape (k*k, in, out) / (k*k, C) with the spatial axes
+    swapped, `.ln.`/`.linear.` submodules, (1, C) biases and GRN parameters, plus decoder weights."""
+    sparse = {}
+    for name, value in model.state_dict().items():
+        if name.startswith(("head.", "norm.")):
+            continue  # the encoder has neither
+        parts = name.split(".")
+        dense_stem = name.startswith("downsample_layers.0.")
+        if parts[-1] == "weight" and value.ndim == 4 and not dense_stem:
+            out_dim, in_dim, k, _ = value.shape
+            kernel = value.transpose(2, 3).reshape(out_dim, in_dim, k * k)
+            value = kernel[:, 0, :].T if ".dwconv." in name else kernel.permute(2, 1, 0)
+            parts[-1] = "kernel"
+        elif not dense_stem and (".norm." in name or name.startswith("downsample_layers.")) and value.ndim == 1:
+            parts.insert(-1, "ln")
+        elif ".pwconv" in name:
+            parts.insert(-1, "linear")
+        if ".grn." in name:
+            value = value.reshape(1, -1)
+        elif parts[-1] == "bias" and not dense_stem and "ln" not in parts and "linear" not in parts:
+            value = value.reshape(1, -1)
+        sparse["encoder." + ".".join(parts)] = value.clone()
+    sparse["mask_token"] = torch.zeros(1, 512, 1, 1)
+    sparse["proj.weight"] = torch.zeros(512, 32, 1, 1)
+    sparse["decoder.0.dwconv.weight"] = torch.zeros(512, 1, 7, 7)
+    sparse["pred.weight"] = torch.zeros(48, 512, 1, 1)
+    return {"model": sparse}
+
+
+def test_fcmae_pretraining_checkpoint_fine_tunes_the_v2_backbone(tmp_path):
+    from conftest import randomize_
+
+    from convnext_train.checkpoints import detect_format, load_pretrained
+    from convnext_train.models import ConvNeXtV2
+
+    pretrained = randomize_(ConvNeXtV2(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10))
+    checkpoint = fcmae_checkpoint(pretrained)
+    assert detect_format(checkpoint["model"]) == "fcmae"
+    assert any(k.endswith("dwconv.kernel") for k in checkpoint["model"])
+    torch.save(checkpoint, tmp_path / "convnextv2_fcmae.pt")
+
+    model = ConvNeXtV2(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    assert load_pretrained(model, tmp_path / "convnextv2_fcmae.pt")  # the head starts fresh
+    loaded, expected = model.state_dict(), pretrained.state_dict()
+    for name in loaded:
+        source = fresh if name.startswith(("head.", "norm.")) else expected
+        assert torch.equal(loaded[name], source[name]), name
