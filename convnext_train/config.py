@@ -13,6 +13,7 @@ from convnext_train.errors import UserError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp",)
 
 
 def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
@@ -26,6 +27,8 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
 
     require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}")
     require(t.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}")
+    require(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)} (FSDP2 is not built yet)")
+    require(_number(t.dist_timeout_minutes) and t.dist_timeout_minutes > 0, "trainer.dist_timeout_minutes", "must be > 0")
     require(_positive_int(t.epochs), "trainer.epochs", "must be a positive integer")
     require(_positive_int(t.micro_batch_size), "trainer.micro_batch_size", "must be a positive integer")
     require(_positive_int(t.global_batch_size), "trainer.global_batch_size", "must be a positive integer")

@@ -7,6 +7,7 @@ reaches a checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from convnext_train.distributed import all_reduce_sum
 from convnext_train.errors import UserError
 from convnext_train.optim import set_lr
 
@@ -33,11 +35,12 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     for _ in range(first_step, run.steps_per_epoch):
         lr = optimizer_step(run, batches, window)
         progress.update()
+        # The clock is read at log steps only: deciding to checkpoint is collective across ranks,
+        # and log steps already synchronise with the device.
         if state.step % t.log_every == 0:
             run.log_training(window.read_and_reset(state.step), lr, progress)
-        if run.checkpoint_due():
-            window.raise_if_non_finite()
-            run.save_checkpoint(epoch)
+            if run.checkpoint_due():
+                run.save_checkpoint(epoch)
     if window.count:  # the epoch's last steps since the previous row
         run.log_training(window.read_and_reset(state.step), run.lr_at(state.step - 1), progress)
     window.raise_if_non_finite()
@@ -49,16 +52,18 @@ def optimizer_step(run: Run, batches: Iterator, window: LossWindow) -> float:
     AdamW update at lr(step) and the EMA update. Returns the lr it used."""
     lr = run.lr_at(run.state.step)
     set_lr(run.optimizer, lr)
-    for _micro in range(run.accumulation):
+    for micro in range(run.accumulation):
         images, targets, replaced = next(batches)
         window.skipped_images += int(replaced.sum())  # a CPU tensor: no device sync
         images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
         targets = targets.to(run.device, non_blocking=True)
         if run.mixup is not None:
             images, targets = run.mixup(images, targets)
-        with run.autocast():
-            loss = run.criterion(run.forward(images), targets)
-        run.scaler.scale(loss / run.accumulation).backward()
+        # Gradients are all-reduced across processes once per step, on the last micro-batch.
+        with run.no_sync() if micro < run.accumulation - 1 else contextlib.nullcontext():
+            with run.autocast():
+                loss = run.criterion(run.forward(images), targets)
+            run.scaler.scale(loss / run.accumulation).backward()
         window.add(loss.detach(), run.state.step)
     if run.cfg.trainer.clip_grad:
         run.scaler.unscale_(run.optimizer)
@@ -141,12 +146,17 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, memory
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=1).sum()
         count += targets.numel()
-    if count == 0:
+    # Each process scored its own shard; the sums over all of them are the whole set's.
+    totals = all_reduce_sum(
+        torch.stack([correct1.double(), correct5.double(), loss_sum, torch.tensor(float(count), device=device, dtype=torch.float64), torch.tensor(float(skipped), device=device, dtype=torch.float64)])
+    ).tolist()
+    correct1_all, correct5_all, loss_all, count_all, skipped_all = totals
+    if count_all == 0:
         raise UserError("the validation set is empty: put images under <data.root>/<data.val_split>/<class>/")
     return {
-        "top1": 100.0 * correct1.item() / count,
-        "top5": 100.0 * correct5.item() / count,
-        "loss": loss_sum.item() / count,
-        "images": count,
-        "skipped_images": skipped,
+        "top1": 100.0 * correct1_all / count_all,
+        "top5": 100.0 * correct5_all / count_all,
+        "loss": loss_all / count_all,
+        "images": int(count_all),
+        "skipped_images": int(skipped_all),
     }

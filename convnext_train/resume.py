@@ -60,25 +60,30 @@ class RunCheckpoints:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG the training step draws from, in a form `torch.load(weights_only=True)` accepts."""
+    """Every RNG the training step draws from, as plain Python values (bytes, ints): they load with
+    `torch.load(weights_only=True)` and travel through `all_gather_object` unchanged."""
     name, keys, position, has_gauss, cached_gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.copy()), "pos": position, "has_gauss": has_gauss, "cached_gaussian": cached_gauss},
-        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": keys.tolist(), "pos": position, "has_gauss": has_gauss, "cached_gaussian": cached_gauss},
+        "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _as_tuples(value):

@@ -29,6 +29,16 @@ from convnext_train.config import validate_train_config
 from convnext_train.data.datasets import build_datasets
 from convnext_train.data.loaders import EpochSampler, make_loader
 from convnext_train.data.transforms import mixup_fn, train_loss
+from convnext_train.distributed import (
+    Processes,
+    broadcast_flag,
+    device_for,
+    gather_objects,
+    init_processes,
+    launch_environment,
+    main_process_first,
+    shutdown,
+)
 from convnext_train.engine import NonFiniteLoss, evaluate, train_one_epoch
 from convnext_train.errors import UserError
 from convnext_train.metrics import RunLogger
@@ -62,7 +72,9 @@ class Run:
     run_dir: Path
     device: torch.device
     model: torch.nn.Module  # the plain module: checkpoints and EMA read it
-    forward: torch.nn.Module  # what the step calls: the model, compiled when asked
+    forward: torch.nn.Module  # what the step calls: the model, DDP-wrapped and compiled as asked
+    no_sync: Callable[[], contextlib.AbstractContextManager]  # skip the gradient all-reduce
+    processes: Processes
     ema: ModelEmaV3 | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -94,7 +106,7 @@ class Run:
             desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
             unit="step",
             dynamic_ncols=True,
-            disable=not sys.stderr.isatty(),
+            disable=not (sys.stderr.isatty() and self.processes.is_main),
             leave=False,
         )
 
@@ -114,7 +126,7 @@ class Run:
             row["skipped_images"] = window["skipped_images"]
         self.logger.log(row)
         progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_sec']:.0f}")
-        if progress.disable:  # no terminal (CI, SLURM logs): one plain line per log row instead
+        if progress.disable and self.processes.is_main:  # no terminal (CI, SLURM logs): plain lines
             print(
                 f"step {row['step']} epoch {row['epoch']:.2f} loss {row['loss']:.4f} lr {lr:.3e} "
                 f"{row['images_per_sec']:.0f} img/s",
@@ -122,7 +134,8 @@ class Run:
             )
 
     def checkpoint_due(self) -> bool:
-        return time.monotonic() - self.last_save >= 60 * self.cfg.trainer.checkpoint_every_minutes
+        """Rank 0's clock decides, so every rank enters `save_checkpoint` (a collective) together."""
+        return broadcast_flag(time.monotonic() - self.last_save >= 60 * self.cfg.trainer.checkpoint_every_minutes)
 
     def save_checkpoint(self, epoch: int) -> Path:
         # A finite loss can still leave non-finite weights behind (the update after it diverged):
@@ -133,6 +146,10 @@ class Run:
                 "checkpoint before it is kept. Lower optimizer.lr or set trainer.clip_grad"
             )
         self.state.epoch = epoch
+        rng_per_rank = gather_objects(rng_state())  # the one collective here: every rank comes
+        if not self.processes.is_main:
+            self.last_save = time.monotonic()
+            return self.checkpoints.directory / "last.pt"
         checkpoint = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -141,7 +158,7 @@ class Run:
             "step": self.state.step,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "train_state": asdict(self.state),
-            "rng": rng_state(),
+            "rng": rng_per_rank,  # one entry per rank
         }
         if self.ema is not None:
             checkpoint["model_ema"] = self.ema.module.state_dict()
@@ -152,20 +169,31 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         """top1, top5, val_loss of the model (and with an `_ema` suffix, of the EMA weights)."""
         settings = dict(device=self.device, autocast=self.autocast, memory_format=self.memory_format)
-        models = {"": self.forward} | ({"_ema": self.ema.module} if self.ema is not None else {})
+        # The plain module: evaluation shards are uneven and DDP's forward would wait for peers.
+        models = {"": self.model} | ({"_ema": self.ema.module} if self.ema is not None else {})
         result = {}
         for suffix, model in models.items():
             scores = evaluate(model, self.val_loader, **settings)
             result.update({f"top1{suffix}": scores["top1"], f"top5{suffix}": scores["top5"], f"val_loss{suffix}": scores["loss"]})
+        result["val_images"] = scores["images"]  # counted over every process's shard
         return result
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    validate_train_config(cfg)
-    run = build_run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    validate_train_config(cfg, world_size=launch_environment().world_size)
+    processes = init_processes(resolve_device(cfg.trainer.device).type, cfg.trainer.dist_timeout_minutes)
+    try:
+        return train(build_run(cfg, Path(HydraConfig.get().runtime.output_dir), processes))
+    finally:
+        shutdown()
+
+
+def train(run: Run) -> dict[str, Any]:
+    cfg = run.cfg
     state, epochs = run.state, cfg.trainer.epochs
     started = time.perf_counter()
-    print(f"run directory: {run.run_dir}", flush=True)
+    if run.processes.is_main:
+        print(f"run directory: {run.run_dir} ({run.processes.world_size} process(es))", flush=True)
     if state.epoch >= epochs:
         print(f"already trained for {epochs} epochs; nothing to do", flush=True)
     with run.logger:  # closes the W&B run (as failed, on an exception) whatever happens
@@ -187,12 +215,15 @@ def evaluate_and_keep_best(run: Run, epoch: int) -> None:
     text = f"epoch {epoch + 1}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%"
     if "top1_ema" in result:
         text += f"  EMA top-1 {result['top1_ema']:.2f}%"
-    print(text, flush=True)
+    if run.processes.is_main:
+        print(text, flush=True)
     improved = result["top1"] > state.best_top1
     improved_ema = "top1_ema" in result and result["top1_ema"] > state.best_top1_ema
     state.best_top1 = max(state.best_top1, result["top1"])
     state.best_top1_ema = max(state.best_top1_ema, result.get("top1_ema", -1.0))
     path = run.save_checkpoint(epoch + 1)
+    if not run.processes.is_main:
+        return
     if improved:
         run.checkpoints.mark_best("best.pt", path)
     if improved_ema:
@@ -221,13 +252,16 @@ def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------------
-def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
     t = cfg.trainer
-    device = resolve_device(t.device)
+    device = device_for(processes, resolve_device(t.device).type)
+    world_size, rank = processes.world_size, processes.rank
+    # The same seed everywhere for the weights (DDP also broadcasts rank 0's); `reseed_per_rank`
+    # below gives each rank its own stream for drop path and Mixup before training starts.
     seed_everything(t.seed)
-    world_size, rank = 1, 0
 
-    train_images, val_images = build_datasets(cfg.data, cfg.aug, seed=t.seed)
+    with main_process_first(processes):
+        train_images, val_images = build_datasets(cfg.data, cfg.aug, seed=t.seed)
     accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
     steps_per_epoch = len(train_images) // t.global_batch_size
     if steps_per_epoch == 0:
@@ -252,6 +286,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         if load_pretrained(model, f.checkpoint, use_ema=f.use_ema, trusted=f.trust_checkpoint):
             print(f"fine-tuning from {f.checkpoint}: the head is re-initialised for {cfg.data.num_classes} classes", flush=True)
     model = model.to(device=device, memory_format=memory_format)
+    forward, no_sync = wrap_for_training(model, processes, device, compile_model=t.compile)
     ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
     optimizer = build_optimizer(model, cfg.optimizer, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
@@ -264,21 +299,26 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     )
 
     state = TrainState()
+    reseed_per_rank(t.seed, processes)
     if resumed is not None:
-        state = restore(resumed, cfg, model, ema, optimizer, scaler)
-        print(f"resumed from {checkpoints.directory} at epoch {state.epoch}, step {state.step}", flush=True)
+        state = restore(resumed, cfg, model, ema, optimizer, scaler, processes)
+        if processes.is_main:
+            print(f"resumed from {checkpoints.directory} at epoch {state.epoch}, step {state.step}", flush=True)
     logger = RunLogger(
         run_dir,
         cfg.logger,
         config=OmegaConf.to_container(cfg, resolve=True),
         resume_step=state.step if resumed is not None else None,
+        enabled=processes.is_main,
     )
     return Run(
         cfg=cfg,
         run_dir=run_dir,
         device=device,
         model=model,
-        forward=torch.compile(model) if t.compile else model,
+        forward=forward,
+        no_sync=no_sync,
+        processes=processes,
         ema=ema,
         optimizer=optimizer,
         scaler=scaler,
@@ -307,7 +347,7 @@ def peak_lr(cfg: DictConfig) -> float:
     return opt.lr
 
 
-def restore(checkpoint: dict, cfg: DictConfig, model, ema, optimizer, scaler) -> TrainState:
+def restore(checkpoint: dict, cfg: DictConfig, model, ema, optimizer, scaler, processes: Processes) -> TrainState:
     try:
         model.load_state_dict(checkpoint["model"])
         if ema is not None and "model_ema" in checkpoint:
@@ -319,7 +359,13 @@ def restore(checkpoint: dict, cfg: DictConfig, model, ema, optimizer, scaler) ->
             f"the run directory's checkpoint does not fit this config ({error}); "
             "use another hydra.run.dir or remove its checkpoints/ to start afresh"
         ) from error
-    restore_rng_state(checkpoint["rng"])
+    rng_per_rank = checkpoint["rng"]
+    if len(rng_per_rank) == processes.world_size:
+        restore_rng_state(rng_per_rank[processes.rank])
+    else:
+        # Resumed on another number of processes: the streams cannot continue one to one. Each rank
+        # takes a fresh one derived from (seed, rank, step), so the run stays reproducible.
+        reseed_per_rank(cfg.trainer.seed * 1_000_003 + checkpoint["step"], processes)
     return TrainState(**checkpoint["train_state"])
 
 
@@ -329,6 +375,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda but no CUDA device is visible: use trainer.device=cpu or auto")
     return torch.device(name)
+
+
+def reseed_per_rank(seed: int, processes: Processes) -> None:
+    """Rank 0 keeps `seed` (so one process reproduces a single-process run); the others differ."""
+    if processes.rank:
+        seed_everything(seed + 7919 * processes.rank)
+
+
+def wrap_for_training(model: torch.nn.Module, processes: Processes, device: torch.device, *, compile_model: bool):
+    """What the step calls, applied from outside the model: DDP first (it broadcasts rank 0's
+    weights and all-reduces gradients), then torch.compile over it. Also the context that skips the
+    gradient all-reduce on the micro-batches before an accumulation window's last."""
+    forward, no_sync = model, contextlib.nullcontext
+    if processes.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        forward, no_sync = ddp, ddp.no_sync
+    if compile_model:
+        forward = torch.compile(forward)
+    return forward, no_sync
 
 
 def seed_everything(seed: int) -> None:

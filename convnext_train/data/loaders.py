@@ -28,7 +28,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
-        self.per_rank = num_samples // world_size if drop_last else -(-num_samples // world_size)
+        # Training drops the tail so every rank takes the same number of steps; evaluation keeps
+        # every image exactly once, so the shards may differ by one.
+        self.per_rank = num_samples // world_size if drop_last else len(range(rank, num_samples, world_size))
         self.epoch = 0
         self.start = 0
 
@@ -41,10 +43,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
-        # Without drop_last and with several ranks, the tail is padded by wrapping around so every
-        # rank gets the same count; a sharded evaluation must not count those samples twice.
-        order += order[: self.per_rank * self.world_size - len(order)]
-        return order[self.rank : self.per_rank * self.world_size : self.world_size]
+        return order[self.rank :: self.world_size][: self.per_rank]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for index in self.order()[self.start :]:

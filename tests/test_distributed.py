@@ -1,0 +1,140 @@
+"""Several processes: real torchrun, real torch.distributed (gloo on the CPU), the real train.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_imagefolder
+from test_train import load, read_jsonl, tiny_run
+
+pytestmark = pytest.mark.slow
+
+# Deterministic data and no per-rank randomness, so any two world sizes must train alike:
+# 64 images, 4 steps of 16 per epoch, 12 steps in all.
+EXACT = ["aug=none", "model.drop_path_rate=0", "trainer.epochs=3", "trainer.keep_last=100", "trainer.checkpoint_every_minutes=0.0001"]
+
+
+def train(data: Path, run_dir: Path, processes: int, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    args = tiny_run(data, run_dir, *EXACT, *extra)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
+    den = sum(float(a[k].double().norm() ** 2) for k in a)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 15 validation images: 2 processes score 8 and 7, and every image must count once.
+    return make_imagefolder(tmp_path_factory.mktemp("data"), val_per_class=5, classes=3, train_per_class=22)
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    train(data, run_dir, 1, "data.num_classes=3")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    result = train(data, run_dir, 2, "data.num_classes=3")
+    assert "(2 process(es))" in result.stdout
+    return run_dir
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(one_process, two_processes):
+    a, b = load(one_process / "checkpoints" / "last.pt"), load(two_processes / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    assert relative_difference(a["model"], b["model"]) < 1e-5
+    assert relative_difference(a["model_ema"], b["model_ema"]) < 1e-5
+    assert relative_difference(a["model"], load(one_process / "checkpoints" / "step_000000001.pt")["model"]) > 1e-3
+
+
+def test_sharded_evaluation_counts_every_image_once(one_process, two_processes):
+    evaluations = [[r for r in read_jsonl(d / "metrics.jsonl") if "top1" in r] for d in (one_process, two_processes)]
+    assert len(evaluations[0]) == len(evaluations[1]) == 3
+    for single, sharded in zip(*evaluations):
+        assert sharded["top1"] == pytest.approx(single["top1"]) and sharded["top5"] == pytest.approx(single["top5"])
+        assert sharded["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+        assert sharded["val_images"] == single["val_images"] == 15  # 8 + 7: none twice, none dropped
+
+
+def rewind(source: Path, target: Path, step: int) -> Path:
+    """A copy of a finished run as a preempted job would have left it after `step`."""
+    shutil.copytree(source, target)
+    checkpoints = target / "checkpoints"
+    for path in checkpoints.glob("step_*.pt"):
+        if int(path.stem.split("_")[1]) > step:
+            path.unlink()
+    for name in ("last.pt", "best.pt", "best_ema.pt"):
+        (checkpoints / name).unlink(missing_ok=True)
+    os.link(checkpoints / f"step_{step:09d}.pt", checkpoints / "last.pt")
+    return target
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_saved_by_two_processes_resumes_on_one_or_two(two_processes, data, tmp_path, processes):
+    run_dir = rewind(two_processes, tmp_path / "run", step=6)  # mid-epoch 2
+    result = train(data, run_dir, processes, "data.num_classes=3")
+    assert "resumed from" in result.stdout and "epoch 1, step 6" in result.stdout
+    final, reference = load(run_dir / "checkpoints" / "last.pt"), load(two_processes / "checkpoints" / "last.pt")
+    assert final["step"] == 12
+    assert relative_difference(final["model"], reference["model"]) < 1e-5
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes, read from /proc."""
+    workers = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            status = (proc / "status").read_text()
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, StopIteration, ValueError):
+            continue
+        if parent == launcher_pid:
+            rank = next((int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                workers[rank] = int(proc.name)
+    return workers
+
+
+def test_a_dead_rank_takes_the_job_down_and_the_last_checkpoint_stays_valid(data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_run(data, run_dir, *EXACT, "data.num_classes=3", "trainer.epochs=50")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"), *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_000000003.pt").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before a rank could be killed"
+        time.sleep(0.1)
+    os.kill(worker_pids(launcher.pid)[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed_at < 120
+    assert "rank     : 1" in output or "rank: 1" in output, output[-3000:]
+    checkpoint = load(run_dir / "checkpoints" / "last.pt")
+    assert checkpoint["step"] >= 3 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
