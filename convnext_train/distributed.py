@@ -117,10 +117,10 @@ def gather_objects(value) -> list:
     return values
 
 
-def broadcast_flag(flag: bool) -> bool:
-    """Rank 0's `flag` on every rank, so that all take the same branch around a collective."""
+def broadcast_flags(*flags: bool) -> tuple[bool, ...]:
+    """Rank 0's `flags` on every rank, so that all take the same branch around a collective."""
     if not dist.is_initialized():
-        return flag
-    values = [flag]
+        return flags
+    values = list(flags)
     dist.broadcast_object_list(values, src=0)
-    return bool(values[0])
+    return tuple(bool(v) for v in values)

@@ -41,7 +41,9 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             run.log_training(window.read_and_reset(state.step), lr, progress)
             if run.checkpoint_due():
                 run.save_checkpoint(epoch)
-    if window.count:  # the epoch's last steps since the previous row
+                if run.stopping:  # preempted: the checkpoint is written, leave now
+                    break
+    if window.count and not run.stopping:  # the epoch's last steps since the previous row
         run.log_training(window.read_and_reset(state.step), run.lr_at(state.step - 1), progress)
     window.raise_if_non_finite()
     progress.close()

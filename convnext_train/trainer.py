@@ -31,7 +31,7 @@ from convnext_train.data.loaders import EpochSampler, make_loader
 from convnext_train.data.transforms import mixup_fn, train_loss
 from convnext_train.distributed import (
     Processes,
-    broadcast_flag,
+    broadcast_flags,
     device_for,
     gather_objects,
     init_processes,
@@ -44,6 +44,7 @@ from convnext_train.errors import UserError
 from convnext_train.metrics import RunLogger
 from convnext_train.models import build_model
 from convnext_train.optim import build_optimizer
+from convnext_train.preemption import Preemption
 from convnext_train.resume import RunCheckpoints, restore_rng_state, rng_state
 from convnext_train.schedule import cosine_lr
 
@@ -91,6 +92,8 @@ class Run:
     logger: RunLogger
     checkpoints: RunCheckpoints
     state: TrainState
+    preemption: Preemption = field(default_factory=Preemption)
+    stopping: bool = False  # a stop was requested and agreed on: save, requeue, exit
     last_save: float = field(default_factory=time.monotonic)
 
     def autocast(self):
@@ -134,8 +137,11 @@ class Run:
             )
 
     def checkpoint_due(self) -> bool:
-        """Rank 0's clock decides, so every rank enters `save_checkpoint` (a collective) together."""
-        return broadcast_flag(time.monotonic() - self.last_save >= 60 * self.cfg.trainer.checkpoint_every_minutes)
+        """Save now? On the clock, or because the job is being stopped (see `preemption.py`); rank
+        0 decides, so every rank enters `save_checkpoint` (a collective) together."""
+        due = time.monotonic() - self.last_save >= 60 * self.cfg.trainer.checkpoint_every_minutes
+        due, self.stopping = broadcast_flags(due, self.preemption.requested)
+        return due or self.stopping
 
     def save_checkpoint(self, epoch: int) -> Path:
         # A finite loss can still leave non-finite weights behind (the update after it diverged):
@@ -199,6 +205,9 @@ def train(run: Run) -> dict[str, Any]:
     with run.logger:  # closes the W&B run (as failed, on an exception) whatever happens
         for epoch in range(state.epoch, epochs):
             train_one_epoch(run, epoch)
+            if run.stopping:
+                run.preemption.requeue(run.processes, state.step)
+                return {"stopped_at_step": state.step}
             evaluation_due = (epoch + 1) % cfg.trainer.eval_every_epochs == 0 or epoch + 1 == epochs
             if run.val_loader is not None and evaluation_due:
                 evaluate_and_keep_best(run, epoch)

@@ -383,3 +383,27 @@ def test_an_experiment_without_a_row_for_the_model_names_the_variants_it_covers(
 def test_warmup_longer_than_the_run_is_refused(tiny_imagefolder, tmp_path):
     result = run_script("train.py", *tiny_run(tiny_imagefolder, tmp_path / "run"), "scheduler.warmup_epochs=3")
     assert_user_error(result, "scheduler.warmup_epochs=3", "trainer.epochs=2")
+
+
+@pytest.mark.slow
+def test_a_stop_signal_saves_exits_cleanly_and_the_rerun_ends_bitwise_equal(finished_run, tiny_imagefolder, tmp_path):
+    reference_dir, _ = finished_run
+    run_dir = tmp_path / "stopped"
+    args = tiny_run(tiny_imagefolder, run_dir, "trainer.checkpoint_every_minutes=0.0001")
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_000000003.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)  # what SLURM sends ahead of the time limit
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopping after SIGUSR1: checkpoint saved at step" in stdout
+    stopped_at = load(run_dir / "checkpoints" / "last.pt")["step"]
+    assert 3 <= stopped_at < 8
+
+    result = run_script("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, resumed = load(reference_dir / "checkpoints" / "last.pt"), load(run_dir / "checkpoints" / "last.pt")
+    for key in ("model", "model_ema", "optimizer", "step"):
+        assert_same_tensors(reference[key], resumed[key], key)
