@@ -265,6 +265,9 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
     t = cfg.trainer
     device = device_for(processes, resolve_device(t.device).type)
     world_size, rank = processes.world_size, processes.rank
+    if device.type == "cuda":
+        # Fixed image sizes: let cuDNN pick the fastest convolution algorithms once.
+        torch.backends.cudnn.benchmark = True
     # The same seed everywhere for the weights (DDP also broadcasts rank 0's); `reseed_per_rank`
     # below gives each rank its own stream for drop path and Mixup before training starts.
     seed_everything(t.seed)

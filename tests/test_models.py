@@ -8,29 +8,9 @@ import torch
 from timm.models.convnext import checkpoint_filter_fn
 
 from conftest import MODEL_NAMES, build_model, randomize_
-from convnext_train.models import ConvNeXt, ConvNeXtIsotropic, ConvNeXtV2
+from convnext_train.models import TIMM_NAMES, ConvNeXt, ConvNeXtIsotropic, ConvNeXtV2
 from convnext_train.models.complexity import count_gmacs, count_params
 
-# Our config name -> timm's model name, for every variant timm has.
-TIMM_NAMES = {
-    "convnext_atto": "convnext_atto",
-    "convnext_femto": "convnext_femto",
-    "convnext_pico": "convnext_pico",
-    "convnext_nano": "convnext_nano",
-    "convnext_t": "convnext_tiny",
-    "convnext_s": "convnext_small",
-    "convnext_b": "convnext_base",
-    "convnext_l": "convnext_large",
-    "convnext_xl": "convnext_xlarge",
-    "convnextv2_atto": "convnextv2_atto",
-    "convnextv2_femto": "convnextv2_femto",
-    "convnextv2_pico": "convnextv2_pico",
-    "convnextv2_nano": "convnextv2_nano",
-    "convnextv2_t": "convnextv2_tiny",
-    "convnextv2_b": "convnextv2_base",
-    "convnextv2_l": "convnextv2_large",
-    "convnextv2_h": "convnextv2_huge",
-}
 ISOTROPIC = ["convnext_iso_s", "convnext_iso_b", "convnext_iso_l"]
 # Variants of 150M+ parameters take seconds to initialise and GBs of memory on the CPU.
 LARGE = {"convnext_l", "convnext_xl", "convnextv2_l", "convnextv2_h", "convnext_iso_l"}

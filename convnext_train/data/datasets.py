@@ -11,13 +11,17 @@ from convnext_train.data.loaders import SeededSamples
 from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.errors import UserError
 
-KINDS = ("imagefolder", "digits")
+KINDS = ("imagefolder", "digits", "synthetic")
 
 
 def build_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples | None]:
     """(train, val); val is None when `data.val_split` is null (ImageNet-22K pre-training has none)."""
     if data_cfg.kind not in KINDS:
         raise UserError(f"data.kind={data_cfg.kind}: must be one of {', '.join(KINDS)}")
+    if data_cfg.kind == "synthetic":
+        from convnext_train.data.synthetic import synthetic_datasets
+
+        return synthetic_datasets(data_cfg, seed=seed)
     root = Path(data_cfg.root)
     if data_cfg.kind == "digits":
         from convnext_train.data.digits import write_digits_imagefolder

@@ -1,0 +1,532 @@
+"""Throughput of the trainer's own code, measured the same way on any device.
+
+    python -m convnext_train.bench step model=convnext_t trainer.micro_batch_size=128 trainer.precision=bf16 trainer.compile=true vs=timm
+    python -m convnext_train.bench step model=convnext_t trainer.micro_batch_size=128 vs=bare
+    python -m convnext_train.bench eval model=convnext_b trainer.micro_batch_size=256 trainer.precision=fp32 tf32=true vs=timm
+    python -m convnext_train.bench loader data.root=/datasets/imagenet data.num_workers=10
+
+- `step`: `engine.optimizer_step`, the training step itself (forward, loss, backward, AdamW at the
+  scheduled lr, EMA), on a Run built by `trainer.build_run` with `data=synthetic` and one batch
+  already on the device. `vs=timm` runs timm's build of the same variant through that same step;
+  `vs=bare` runs the same model in a bare loop (forward, cross-entropy, backward, plain AdamW step),
+  which prices the framework around the model.
+- `eval`: inference as the paper's Table 12 measured it: eval mode, no grad, channels-last by
+  default, autocast per `trainer.precision`, a `trainer.micro_batch_size` batch on the device.
+  `vs=timm` as above.
+- `loader`: fully augmented training batches from the `data` config through our real loaders
+  (build_datasets, EpochSampler, make_loader), moved to the device and mixed (Mixup/CutMix) as the
+  training step does before its forward pass.
+
+Arguments are train.py's overrides, plus the bench's own options (train.py's config has no such keys):
+    vs=timm|bare   a second contender, measured in rounds alternating with ours
+    warmup=N       untimed steps per contender before timing (compilation, allocator, autotuning)
+    steps=N        timed steps per round
+    rounds=N       timed rounds per contender; the median round is reported
+    tf32=true      TF32 matmuls for fp32 (the paper's inference setting; PyTorch's default is off)
+`step` takes `trainer.global_batch_size` equal to `trainer.micro_batch_size` (one micro-batch per
+optimizer step, so the optimizer and EMA are paid on every batch) unless it is given. Nothing is
+logged: `logger=none` is forced.
+
+Output: a table, then one JSON line per contender with images_per_sec, step_ms, mfu (null without
+a known peak: CPU, unknown GPU), peak_mem_gb (null on CPU), device, versions and the full settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from convnext_train.config import validate_train_config
+from convnext_train.data.datasets import build_datasets
+from convnext_train.data.loaders import EpochSampler, make_loader
+from convnext_train.models import TIMM_NAMES
+from convnext_train.data.transforms import mixup_fn
+from convnext_train.distributed import Processes
+from convnext_train.engine import LossWindow, optimizer_step
+from convnext_train.errors import UserError, exit_on_user_error
+from convnext_train.models import build_model
+from convnext_train.models.complexity import count_gmacs
+from convnext_train.optim import build_optimizer
+from convnext_train.trainer import AUTOCAST_DTYPES, Run, TrainState, build_run, resolve_device, wrap_for_training
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+MODES = ("step", "eval", "loader")
+RIVALS = {"step": ("timm", "bare"), "eval": ("timm",), "loader": ()}
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, keyed by a part of
+# torch.cuda.get_device_name(); the first key found in the name wins, so specific names come first.
+DENSE_PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5 ("H100 80GB HBM3")
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe alike
+}
+# A training step costs about three forward passes (forward, then gradients of the input and of
+# the weights); a multiply-accumulate is two FLOPs.
+TRAIN_FLOPS_PER_FORWARD = 3
+FLOPS_PER_MAC = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    warmup: int = 10
+    steps: int = 20
+    rounds: int = 5
+    vs: str | None = None
+    tf32: bool = False
+
+
+@dataclasses.dataclass
+class Contender:
+    """One thing being timed: `step()` does one unit of work (an optimizer step, a forward batch,
+    a loader batch) of `images_per_step` images, queued on the device without a host sync."""
+
+    step: Callable[[], None]
+    images_per_step: int
+    check: Callable[[], None] = lambda: None  # after timing: raise if the work went wrong (NaN loss)
+
+
+@dataclasses.dataclass
+class Measurement:
+    name: str
+    images_per_step: int
+    round_seconds: list[float]
+    peak_mem_bytes: int | None
+
+    @property
+    def step_seconds(self) -> float:
+        return statistics.median(self.round_seconds)
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images_per_step / self.step_seconds
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m convnext_train.bench",
+        description="Throughput of the training step, of inference, or of the data loader.",
+        epilog="bench keys: vs=timm|bare warmup=N steps=N rounds=N tf32=true|false; any other key=value is a train.py override",
+    )
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("arguments", nargs="*", help="train.py overrides and bench options (key=value)")
+    args = parser.parse_args(argv)
+    options, overrides = split_arguments(args.arguments)
+    if options.vs is not None and options.vs not in RIVALS[args.mode]:
+        allowed = ", ".join(f"vs={name}" for name in RIVALS[args.mode]) or "none"
+        raise UserError(f"vs={options.vs} does not apply to `{args.mode}` (there: {allowed})")
+    if options.tf32:
+        torch.set_float32_matmul_precision("high")
+    cfg, variant = compose_config(args.mode, overrides)
+    if options.vs == "timm" and variant not in TIMM_NAMES:
+        raise UserError(f"vs=timm: timm has no counterpart of model={variant} (it has {', '.join(TIMM_NAMES)})")
+    benchmark = {"step": bench_step, "eval": bench_eval, "loader": bench_loader}[args.mode]
+    measurements = benchmark(cfg, variant, options)
+    report(args.mode, cfg, variant, options, overrides, measurements)
+
+
+def split_arguments(arguments: Sequence[str]) -> tuple[BenchOptions, list[str]]:
+    """The bench's own `key=value` options, and the rest (train.py overrides, for Hydra)."""
+    bench_keys = {f.name for f in dataclasses.fields(BenchOptions)}
+    values: dict[str, Any] = {}
+    overrides = []
+    for argument in arguments:
+        key, _, value = argument.partition("=")
+        if key not in bench_keys:
+            overrides.append(argument)
+        elif key == "vs":
+            values[key] = value
+        elif key == "tf32":
+            if value not in ("true", "false"):
+                raise UserError(f"tf32={value}: must be true or false")
+            values[key] = value == "true"
+        else:
+            if not value.isdigit() or int(value) < (0 if key == "warmup" else 1):
+                raise UserError(f"{key}={value}: must be an integer >= {0 if key == 'warmup' else 1}")
+            values[key] = int(value)
+    return BenchOptions(**values), overrides
+
+
+def compose_config(mode: str, overrides: list[str]) -> tuple[DictConfig, str]:
+    """train.py's config for these overrides, and the chosen model variant's name."""
+    if mode != "loader" and any(o.startswith("data=") for o in overrides):
+        raise UserError(f"`{mode}` runs on synthetic data already on the device; data= applies to `loader` only")
+    # The bench logs nothing; step and eval never iterate a loader, so they need no workers.
+    forced = ["logger=none"] + (["data=synthetic", "data.num_workers=0"] if mode != "loader" else [])
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose("train", overrides=[*overrides, *forced], return_hydra_config=True)
+    except HydraException as error:  # a typo in an override: Hydra's message says which and why
+        message = str(error).split("Config search path")[0]  # the search path is noise here
+        raise UserError(" ".join(message.split())) from error
+    variant = cfg.hydra.runtime.choices.model
+    with open_dict(cfg):
+        del cfg["hydra"]
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise UserError(f"set {', '.join(sorted(missing))} (e.g. data.root=<ImageFolder root>)")
+    if mode == "step" and not any(o.startswith("trainer.global_batch_size=") for o in overrides):
+        cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size
+    validate_train_config(cfg)
+    return cfg, variant
+
+
+# --------------------------------------------------------------------------------------------------
+# The three benchmarks
+# --------------------------------------------------------------------------------------------------
+def bench_step(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
+    device = resolve_device(cfg.trainer.device)
+    batch = resident_batch(cfg, device)
+    with tempfile.TemporaryDirectory(prefix="convnext-bench-") as run_dir:
+        # Each contender builds its own state inside `measure`, which counts the memory it holds.
+        def new_run() -> Run:
+            return build_run(cfg, Path(run_dir), Processes())  # one process; logs and saves nothing
+
+        factories = {"ours": lambda: trainer_step(new_run(), batch)}
+        if options.vs == "timm":
+            factories["timm"] = lambda: trainer_step(with_model(new_run(), timm_model(cfg, variant)), batch)
+        elif options.vs == "bare":
+            factories["bare"] = lambda: bare_step(cfg, device, batch)
+        return measure(factories, options, device)
+
+
+def bench_eval(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
+    device = resolve_device(cfg.trainer.device)
+    images = resident_batch(cfg, device)[0]
+    factories = {"ours": lambda: inference_step(build_model(cfg.model), images, cfg, device)}
+    if options.vs == "timm":
+        factories["timm"] = lambda: inference_step(timm_model(cfg, variant), images, cfg, device)
+    return measure(factories, options, device)
+
+
+def bench_loader(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
+    device = resolve_device(cfg.trainer.device)
+    return measure({"ours": lambda: loader_step(cfg, device)}, options, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Contenders
+# --------------------------------------------------------------------------------------------------
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def resident_batch(cfg: DictConfig, device: torch.device) -> Batch:
+    """One micro-batch of `data=synthetic` training items, collated by our loader and moved to the
+    device once, in the layout the model takes (so the step's `.to()` is free). `replaced` stays on
+    the CPU, where the step reads it."""
+    train_images, _ = build_datasets(cfg.data, cfg.aug, seed=cfg.trainer.seed)
+    sampler = EpochSampler(len(train_images), seed=cfg.trainer.seed, shuffle=True, drop_last=True)
+    loader = make_loader(train_images, sampler, batch_size=cfg.trainer.micro_batch_size, num_workers=0, pin_memory=False, drop_last=True)
+    images, targets, replaced = next(iter(loader))
+    return images.to(device, memory_format=memory_format_of(cfg)), targets.to(device), replaced
+
+
+def trainer_step(run: Run, batch: Batch) -> Contender:
+    """`engine.optimizer_step` on `run`, fed the same resident batch every micro-step."""
+    run.forward.train()
+    batches = itertools.repeat(batch)
+    window = LossWindow(run.device, run.state.step)
+    return Contender(
+        step=lambda: optimizer_step(run, batches, window),
+        images_per_step=run.accumulation * run.cfg.trainer.micro_batch_size,
+        check=window.raise_if_non_finite,
+    )
+
+
+def with_model(run: Run, model: nn.Module) -> Run:
+    """`run` training `model` instead: its model-bound parts rebuilt as `build_run` builds them,
+    everything else (loss, Mixup, schedule, settings) shared."""
+    cfg, device = run.cfg, run.device
+    model = model.to(device=device, memory_format=run.memory_format)
+    forward, no_sync = wrap_for_training(model, run.processes, device, compile_model=cfg.trainer.compile)
+    return dataclasses.replace(
+        run,
+        model=model,
+        forward=forward,
+        no_sync=no_sync,
+        ema=ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,
+        optimizer=build_optimizer(model, cfg.optimizer, device.type),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"),
+        state=TrainState(),
+    )
+
+
+def bare_step(cfg: DictConfig, device: torch.device, batch: Batch) -> Contender:
+    """The same model and settings in the loop anyone would write first: forward, cross-entropy on
+    hard labels, backward, plain AdamW over all parameters. What it lacks is what the framework adds:
+    the lr schedule, parameter groups, Mixup/CutMix and its loss, the loss window and the EMA. It
+    keeps the optimizer kernel (fused on CUDA, like ours) and, for fp16 only, the grad scaler that
+    correct fp16 training needs."""
+    images, targets, _ = batch
+    model = build_model(cfg.model).to(device=device, memory_format=memory_format_of(cfg)).train()
+    forward = torch.compile(model) if cfg.trainer.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
+    accumulation = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size  # as build_run, on one device
+
+    def step() -> None:
+        for _micro in range(accumulation):
+            with autocast(cfg.trainer.precision, device):
+                loss = nn.functional.cross_entropy(forward(images), targets)
+            scaler.scale(loss / accumulation).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Contender(step=step, images_per_step=accumulation * cfg.trainer.micro_batch_size)
+
+
+def inference_step(model: nn.Module, images: torch.Tensor, cfg: DictConfig, device: torch.device) -> Contender:
+    model = model.to(device=device, memory_format=memory_format_of(cfg)).eval()
+    forward = torch.compile(model) if cfg.trainer.compile else model
+
+    def step() -> None:
+        with torch.no_grad(), autocast(cfg.trainer.precision, device):
+            forward(images)
+
+    return Contender(step=step, images_per_step=images.shape[0])
+
+
+def loader_step(cfg: DictConfig, device: torch.device) -> Contender:
+    """Next training batch as `build_run` loads it, then what `optimizer_step` does to it before the
+    forward pass: the copy to the device (channels-last) and Mixup/CutMix."""
+    t = cfg.trainer
+    train_images, _ = build_datasets(cfg.data, cfg.aug, seed=t.seed)
+    sampler = EpochSampler(len(train_images), seed=t.seed, shuffle=True, drop_last=True)
+    pin_memory = cfg.data.pin_memory and device.type == "cuda"
+    loader = make_loader(train_images, sampler, batch_size=t.micro_batch_size, num_workers=cfg.data.num_workers, pin_memory=pin_memory, drop_last=True)
+    batches = epoch_after_epoch(loader, sampler)
+    memory_format = memory_format_of(cfg)
+    mixup = mixup_fn(cfg.aug, cfg.data.num_classes)
+
+    def step() -> None:
+        images, targets, _replaced = next(batches)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        if mixup is not None:
+            mixup(images, targets)
+
+    return Contender(step=step, images_per_step=t.micro_batch_size)
+
+
+def epoch_after_epoch(loader: torch.utils.data.DataLoader, sampler: EpochSampler) -> Iterator[Batch]:
+    """The loader's batches without end, each epoch in its own order as in training."""
+    for epoch in itertools.count():
+        sampler.set_position(epoch)
+        yield from loader
+
+
+def timm_model(cfg: DictConfig, variant: str) -> nn.Module:
+    """timm's build of our variant, with our head size, input channels, stochastic depth and
+    activation checkpointing. Everything else is timm's own (its atto..nano use 1x1 convolutions
+    for the MLP, where the paper's code, and ours, use Linear layers)."""
+    m = cfg.model
+    model = timm.create_model(TIMM_NAMES[variant], num_classes=m.num_classes, in_chans=m.in_chans, drop_path_rate=m.drop_path_rate)
+    model.set_grad_checkpointing(bool(m.get("grad_checkpointing", False)))
+    return model
+
+
+def memory_format_of(cfg: DictConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+def measure(factories: dict[str, Callable[[], Contender]], options: BenchOptions, device: torch.device) -> list[Measurement]:
+    """Build and warm up each contender in turn, then time them in alternating rounds, so a drift
+    of the machine (clocks, temperature, other load) reaches all of them alike.
+
+    Peak memory is each contender's own: all of them live in one process, so the memory the others
+    hold between their steps (weights, optimizer state, EMA) is subtracted from the peak seen while
+    it runs. The shared resident batch counts for each.
+    """
+    contenders: list[Contender] = []
+    held_bytes: list[int] = []
+    for build in factories.values():
+        before = allocated_bytes(device)
+        contender = build()
+        for _ in range(options.warmup):
+            contender.step()
+        synchronize(device)
+        contenders.append(contender)
+        held_bytes.append(allocated_bytes(device) - before)
+
+    round_seconds: list[list[float]] = [[] for _ in contenders]
+    peaks: list[int | None] = [None for _ in contenders]
+    for _round in range(options.rounds):
+        for i, contender in enumerate(contenders):
+            reset_peak_memory(device)
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(options.steps):
+                contender.step()
+            synchronize(device)
+            round_seconds[i].append((time.perf_counter() - started) / options.steps)
+            peak = peak_memory_bytes(device)
+            if peak is not None:
+                others = sum(held_bytes) - held_bytes[i]
+                peaks[i] = max(peaks[i] or 0, peak - others)
+    for contender in contenders:
+        contender.check()
+    return [
+        Measurement(name, c.images_per_step, seconds, peak)
+        for name, c, seconds, peak in zip(factories, contenders, round_seconds, peaks)
+    ]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allocated_bytes(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+# --------------------------------------------------------------------------------------------------
+# MFU and the report
+# --------------------------------------------------------------------------------------------------
+def dense_peak_tflops(device_name: str, precision: str) -> float | None:
+    """The device's dense peak for `precision` (bf16, fp16, tf32, fp32), or None when unknown."""
+    for key, peaks in DENSE_PEAK_TFLOPS.items():
+        if key in device_name:
+            return peaks[precision]
+    return None
+
+
+def math_precision(precision: str) -> str:
+    """What the tensor cores run for `trainer.precision`: fp32 runs as TF32 once matmuls allow it
+    (ConvNeXt's FLOPs are mostly its pointwise Linear layers, which follow the matmul setting)."""
+    if precision != "fp32":
+        return precision
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
+
+
+def model_flops_utilisation(images_per_sec: float, gmacs_per_image: float, *, training: bool, peak_tflops: float | None) -> float | None:
+    if peak_tflops is None:
+        return None
+    flops_per_image = gmacs_per_image * 1e9 * FLOPS_PER_MAC * (TRAIN_FLOPS_PER_FORWARD if training else 1)
+    return images_per_sec * flops_per_image / (peak_tflops * 1e12)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
+
+
+def cpu_model_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def describe_settings(mode: str, cfg: DictConfig, variant: str) -> str:
+    t = cfg.trainer
+    if mode == "loader":
+        return f"data={cfg.data.kind}, {cfg.data.img_size} px, batch {t.micro_batch_size}, {cfg.data.num_workers} workers"
+    batch = f"batch {t.global_batch_size} (micro {t.micro_batch_size})" if mode == "step" else f"batch {t.micro_batch_size}"
+    layout = "channels-last" if t.channels_last else "contiguous"
+    return f"model={variant}, {cfg.data.img_size} px, {batch}, {t.precision}, {layout}, {'compiled' if t.compile else 'eager'}"
+
+
+def report(mode: str, cfg: DictConfig, variant: str, options: BenchOptions, overrides: list[str], measurements: list[Measurement]) -> None:
+    """The table, the ratio of ours to the rival, then one JSON line per contender."""
+    device = resolve_device(cfg.trainer.device)
+    name = device_name(device)
+    t = cfg.trainer
+    peak = dense_peak_tflops(name, math_precision(t.precision)) if device.type == "cuda" else None
+    gmacs = None
+    if mode != "loader":
+        with torch.device("meta"):
+            gmacs = count_gmacs(build_model(cfg.model), cfg.data.img_size)
+
+    print(f"bench {mode}: {describe_settings(mode, cfg, variant)}, on {name}")
+    print(f"{'':<6} {'images/s':>10} {'step ms':>10} {'MFU':>7} {'peak GB':>8}")
+    rows = []
+    for m in measurements:
+        mfu = None
+        if gmacs is not None:
+            mfu = model_flops_utilisation(m.images_per_sec, gmacs, training=mode == "step", peak_tflops=peak)
+        peak_gb = m.peak_mem_bytes / 2**30 if m.peak_mem_bytes is not None else None
+        print(f"{m.name:<6} {m.images_per_sec:>10.1f} {m.step_seconds * 1e3:>10.2f} "
+              f"{'–' if mfu is None else f'{mfu:.1%}':>7} {'–' if peak_gb is None else f'{peak_gb:.2f}':>8}")
+        row: dict[str, Any] = {
+            "bench": mode,
+            "impl": m.name,
+            "model": None if mode == "loader" else variant,
+            "images_per_sec": m.images_per_sec,
+            "step_ms": m.step_seconds * 1e3,
+            "round_step_ms": [seconds * 1e3 for seconds in m.round_seconds],  # the spread behind the median
+            "peak_mem_gb": peak_gb,
+        }
+        if mode != "loader":
+            row["mfu"] = mfu
+        rows.append(row)
+    ours = measurements[0]
+    for rival, row in zip(measurements[1:], rows[1:]):
+        ratio = ours.images_per_sec / rival.images_per_sec
+        row["ours_over_this"] = ratio
+        print(f"ours / {rival.name} images/s: {ratio:.3f} (ours' step time {ours.step_seconds / rival.step_seconds - 1:+.1%})")
+
+    environment = {
+        "device": name,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "settings": {
+            "overrides": overrides,
+            "bench": dataclasses.asdict(options),
+            "gmacs_per_image": gmacs,
+            "peak_tflops": peak,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+    }
+    for row in rows:
+        print(json.dumps(row | environment), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
