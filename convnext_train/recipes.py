@@ -11,8 +11,6 @@ variants the README lists for it.
 
 from __future__ import annotations
 
-import argparse
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from convnext_train.data.transforms import SQUASH_FROM_SIZE
 from convnext_train.models.table import PAPER_TOP1
+from convnext_train.readme import table_command
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 START, END = "<!-- recipe-table:start -->", "<!-- recipe-table:end -->"
@@ -179,22 +178,8 @@ def _show(value) -> str:
     return _num(value) if isinstance(value, (int, float)) else f"`{value}`"
 
 
-def update_readme(path: Path) -> None:
-    text = path.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{path} has no {START} ... {END} section to update")
-    path.write_text(pattern.sub(lambda _: f"{START}\n{markdown_table()}\n{END}", text))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--update", type=Path, metavar="README", help="rewrite the recipe-table section of this file")
-    args = parser.parse_args()
-    if args.update:
-        update_readme(args.update)
-    else:
-        print(markdown_table())
+    table_command(__doc__, START, END, markdown_table)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ top-1 beside them.
 
 from __future__ import annotations
 
-import argparse
-import re
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from omegaconf import OmegaConf
 
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
+from convnext_train.readme import table_command
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 
@@ -71,22 +70,8 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path) -> None:
-    text = path.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{path} has no {START} ... {END} section to update")
-    path.write_text(pattern.sub(f"{START}\n{markdown_table()}\n{END}", text))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--update", type=Path, metavar="README", help="rewrite the table section of this file")
-    args = parser.parse_args()
-    if args.update:
-        update_readme(args.update)
-    else:
-        print(markdown_table())
+    table_command(__doc__, START, END, markdown_table)
 
 
 if __name__ == "__main__":
