@@ -52,7 +52,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from convnext_train.config import validate_train_config
@@ -65,8 +64,7 @@ from convnext_train.engine import LossWindow, optimizer_step
 from convnext_train.errors import UserError, exit_on_user_error
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs
-from convnext_train.optim import build_optimizer
-from convnext_train.trainer import AUTOCAST_DTYPES, Run, TrainState, build_run, resolve_device, wrap_for_training
+from convnext_train.trainer import Run, TrainState, autocast, bind_model, build_run, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODES = ("step", "eval", "loader")
@@ -261,18 +259,8 @@ def trainer_step(run: Run, batch: Batch) -> Contender:
 def with_model(run: Run, model: nn.Module) -> Run:
     """`run` training `model` instead: its model-bound parts rebuilt as `build_run` builds them,
     everything else (loss, Mixup, schedule, settings) shared."""
-    cfg, device = run.cfg, run.device
-    model = model.to(device=device, memory_format=run.memory_format)
-    forward, no_sync = wrap_for_training(model, run.processes, device, compile_model=cfg.trainer.compile)
     return dataclasses.replace(
-        run,
-        model=model,
-        forward=forward,
-        no_sync=no_sync,
-        ema=ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,
-        optimizer=build_optimizer(model, cfg.optimizer, device.type),
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"),
-        state=TrainState(),
+        run, **bind_model(model, run.cfg, run.processes, run.device, run.memory_format), state=TrainState()
     )
 
 
@@ -291,7 +279,7 @@ def bare_step(cfg: DictConfig, device: torch.device, batch: Batch) -> Contender:
 
     def step() -> None:
         for _micro in range(accumulation):
-            with autocast(cfg.trainer.precision, device):
+            with autocast(cfg.trainer.precision, device.type):
                 loss = nn.functional.cross_entropy(forward(images), targets)
             scaler.scale(loss / accumulation).backward()
         scaler.step(optimizer)
@@ -306,7 +294,7 @@ def inference_step(model: nn.Module, images: torch.Tensor, cfg: DictConfig, devi
     forward = torch.compile(model) if cfg.trainer.compile else model
 
     def step() -> None:
-        with torch.no_grad(), autocast(cfg.trainer.precision, device):
+        with torch.no_grad(), autocast(cfg.trainer.precision, device.type):
             forward(images)
 
     return Contender(step=step, images_per_step=images.shape[0])
@@ -353,11 +341,6 @@ def timm_model(cfg: DictConfig, variant: str) -> nn.Module:
 
 def memory_format_of(cfg: DictConfig) -> torch.memory_format:
     return torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = AUTOCAST_DTYPES[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------

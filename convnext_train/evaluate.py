@@ -6,9 +6,9 @@ run directory.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from convnext_train.data.loaders import EpochSampler, make_loader
 from convnext_train.engine import evaluate
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
-from convnext_train.trainer import AUTOCAST_DTYPES, resolve_device
+from convnext_train.trainer import autocast, resolve_device
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -55,10 +55,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "gmacs": round(gmacs, 3),
         }
         if loader is not None:
-            dtype = AUTOCAST_DTYPES[e.precision]
-            autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
             started = time.perf_counter()
-            scores = evaluate(model, loader, device=device, autocast=autocast, memory_format=memory_format)
+            scores = evaluate(model, loader, device=device, autocast=partial(autocast, e.precision, device.type), memory_format=memory_format)
             result.update(
                 top1=scores["top1"],
                 top5=scores["top5"],

@@ -96,11 +96,8 @@ class Run:
     stopping: bool = False  # a stop was requested and agreed on: save, requeue, exit
     last_save: float = field(default_factory=time.monotonic)
 
-    def autocast(self):
-        dtype = AUTOCAST_DTYPES[self.cfg.trainer.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.cfg.trainer.precision, self.device.type)
 
     def progress(self, epoch: int, first_step: int) -> tqdm:
         return tqdm(
@@ -297,11 +294,7 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
         f = cfg.finetune
         if load_pretrained(model, f.checkpoint, use_ema=f.use_ema, trusted=f.trust_checkpoint):
             print(f"fine-tuning from {f.checkpoint}: the head is re-initialised for {cfg.data.num_classes} classes", flush=True)
-    model = model.to(device=device, memory_format=memory_format)
-    forward, no_sync = wrap_for_training(model, processes, device, compile_model=t.compile)
-    ema = ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None
-    optimizer = build_optimizer(model, cfg.optimizer, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    model_bound = bind_model(model, cfg, processes, device, memory_format)
     lr_at = partial(
         cosine_lr,
         base_lr=peak_lr(cfg),
@@ -313,7 +306,8 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
     state = TrainState()
     reseed_per_rank(t.seed, processes)
     if resumed is not None:
-        state = restore(resumed, cfg, model, ema, optimizer, scaler, processes)
+        b = model_bound
+        state = restore(resumed, cfg, b["model"], b["ema"], b["optimizer"], b["scaler"], processes)
         if processes.is_main:
             print(f"resumed from {checkpoints.directory} at epoch {state.epoch}, step {state.step}", flush=True)
     logger = RunLogger(
@@ -327,13 +321,8 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
         cfg=cfg,
         run_dir=run_dir,
         device=device,
-        model=model,
-        forward=forward,
-        no_sync=no_sync,
+        **model_bound,
         processes=processes,
-        ema=ema,
-        optimizer=optimizer,
-        scaler=scaler,
         criterion=train_loss(cfg.aug),
         mixup=mixup_fn(cfg.aug, cfg.data.num_classes),
         train_loader=train_loader,
@@ -348,6 +337,28 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
         checkpoints=checkpoints,
         state=state,
     )
+
+
+def bind_model(model: torch.nn.Module, cfg: DictConfig, processes: Processes, device: torch.device, memory_format) -> dict[str, Any]:
+    """The parts of a Run that belong to one model: the model on its device, what the step calls,
+    the EMA, the optimizer and the grad scaler (the benchmark swaps in timm's model through this)."""
+    model = model.to(device=device, memory_format=memory_format)
+    forward, no_sync = wrap_for_training(model, processes, device, compile_model=cfg.trainer.compile)
+    return {
+        "model": model,
+        "forward": forward,
+        "no_sync": no_sync,
+        # After wrapping: DDP has broadcast rank 0's weights, so every rank's EMA starts from them.
+        "ema": ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,
+        "optimizer": build_optimizer(model, cfg.optimizer, device.type),
+        "scaler": torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"),
+    }
+
+
+def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """The one autocast of `trainer.precision`: fp32 runs without one."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def peak_lr(cfg: DictConfig) -> float:
