@@ -14,7 +14,7 @@
   default, autocast per `trainer.precision`, a `trainer.micro_batch_size` batch on the device.
   `vs=timm` as above.
 - `loader`: fully augmented training batches from the `data` config through our real loaders
-  (build_datasets, EpochSampler, make_loader), moved to the device and mixed (Mixup/CutMix) as the
+  (`data.datasets.build_loaders`: ImageFolder or FFCV), moved to the device and mixed (Mixup/CutMix) as the
   training step does before its forward pass.
 
 Arguments are train.py's overrides, plus the bench's own options (train.py's config has no such keys):
@@ -55,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from convnext_train.config import validate_train_config
-from convnext_train.data.datasets import build_datasets
+from convnext_train.data.datasets import Loaders, build_datasets, build_loaders
 from convnext_train.data.loaders import EpochSampler, make_loader
 from convnext_train.models import TIMM_NAMES
 from convnext_train.data.transforms import mixup_fn
@@ -304,11 +304,8 @@ def loader_step(cfg: DictConfig, device: torch.device) -> Contender:
     """Next training batch as `build_run` loads it, then what `optimizer_step` does to it before the
     forward pass: the copy to the device (channels-last) and Mixup/CutMix."""
     t = cfg.trainer
-    train_images, _ = build_datasets(cfg.data, cfg.aug, seed=t.seed)
-    sampler = EpochSampler(len(train_images), seed=t.seed, shuffle=True, drop_last=True)
-    pin_memory = cfg.data.pin_memory and device.type == "cuda"
-    loader = make_loader(train_images, sampler, batch_size=t.micro_batch_size, num_workers=cfg.data.num_workers, pin_memory=pin_memory, drop_last=True)
-    batches = epoch_after_epoch(loader, sampler)
+    loaders = build_loaders(cfg.data, cfg.aug, seed=t.seed, batch_size=t.micro_batch_size, device=device)
+    batches = epoch_after_epoch(loaders)
     memory_format = memory_format_of(cfg)
     mixup = mixup_fn(cfg.aug, cfg.data.num_classes)
 
@@ -322,11 +319,11 @@ def loader_step(cfg: DictConfig, device: torch.device) -> Contender:
     return Contender(step=step, images_per_step=t.micro_batch_size)
 
 
-def epoch_after_epoch(loader: torch.utils.data.DataLoader, sampler: EpochSampler) -> Iterator[Batch]:
-    """The loader's batches without end, each epoch in its own order as in training."""
+def epoch_after_epoch(loaders: Loaders) -> Iterator[Batch]:
+    """The training loader's batches without end, each epoch in its own order as in training."""
     for epoch in itertools.count():
-        sampler.set_position(epoch)
-        yield from loader
+        loaders.start_at(epoch, 0)
+        yield from loaders.train
 
 
 def timm_model(cfg: DictConfig, variant: str) -> nn.Module:

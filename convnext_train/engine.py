@@ -27,7 +27,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     """Optimizer steps of `epoch` from where `run.state` stands (mid-epoch after a resume)."""
     t, state = run.cfg.trainer, run.state
     first_step = state.step - epoch * run.steps_per_epoch
-    run.train_sampler.set_position(epoch, first_step * run.samples_per_step_per_rank)
+    run.train_start_at(epoch, first_step * run.samples_per_step_per_rank)
     run.forward.train()
     batches = iter(run.train_loader)
     window = LossWindow(run.device, state.step)

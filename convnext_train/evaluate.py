@@ -17,8 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
 from convnext_train.checkpoints import load_weights
-from convnext_train.data.datasets import val_dataset
-from convnext_train.data.loaders import EpochSampler, make_loader
+from convnext_train.data.datasets import build_val_loader
 from convnext_train.engine import evaluate
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
@@ -34,9 +33,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     memory_format = torch.channels_last if e.channels_last else torch.contiguous_format
     loader = None
     if cfg.data.root:
-        images = val_dataset(cfg.data, e.crop_pct)
-        sampler = EpochSampler(len(images), seed=0, shuffle=False, drop_last=False)
-        loader = make_loader(images, sampler, batch_size=e.batch_size, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=False)
+        loader = build_val_loader(cfg.data, e.crop_pct, batch_size=e.batch_size, device=device)
     with torch.device("meta"):
         gmacs = count_gmacs(build_model(cfg.model), cfg.data.img_size)
 

@@ -26,8 +26,7 @@ from tqdm import tqdm
 
 from convnext_train.checkpoints import CheckpointError, load_pretrained
 from convnext_train.config import validate_train_config
-from convnext_train.data.datasets import build_datasets
-from convnext_train.data.loaders import EpochSampler, make_loader
+from convnext_train.data.datasets import build_loaders
 from convnext_train.data.transforms import mixup_fn, train_loss
 from convnext_train.distributed import (
     Processes,
@@ -82,7 +81,7 @@ class Run:
     criterion: torch.nn.Module
     mixup: Callable | None
     train_loader: Any
-    train_sampler: EpochSampler
+    train_start_at: Callable[[int, int], None]  # (epoch, samples this rank has consumed)
     val_loader: Any  # None: no validation split (ImageNet-22K pre-training)
     steps_per_epoch: int
     accumulation: int
@@ -269,22 +268,15 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
     # below gives each rank its own stream for drop path and Mixup before training starts.
     seed_everything(t.seed)
 
-    with main_process_first(processes):
-        train_images, val_images = build_datasets(cfg.data, cfg.aug, seed=t.seed)
+    with main_process_first(processes):  # the first builds caches (the digits tree) alone
+        loaders = build_loaders(cfg.data, cfg.aug, seed=t.seed, batch_size=t.micro_batch_size, device=device, rank=rank, world_size=world_size)
     accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
-    steps_per_epoch = len(train_images) // t.global_batch_size
+    steps_per_epoch = loaders.train_length // t.global_batch_size
     if steps_per_epoch == 0:
         raise UserError(
-            f"the training set has {len(train_images)} images, fewer than one global batch "
+            f"the training set has {loaders.train_length} images, fewer than one global batch "
             f"(trainer.global_batch_size={t.global_batch_size}): lower it or add data"
         )
-    train_sampler = EpochSampler(len(train_images), seed=t.seed, shuffle=True, drop_last=True, rank=rank, world_size=world_size)
-    loader = partial(make_loader, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and device.type == "cuda")
-    train_loader = loader(train_images, train_sampler, batch_size=t.micro_batch_size, drop_last=True)
-    val_loader = None
-    if val_images is not None:
-        val_sampler = EpochSampler(len(val_images), seed=t.seed, shuffle=False, drop_last=False, rank=rank, world_size=world_size)
-        val_loader = loader(val_images, val_sampler, batch_size=t.micro_batch_size, drop_last=False)
 
     checkpoints = RunCheckpoints(run_dir / "checkpoints", keep_last=t.keep_last)
     resumed = checkpoints.latest()
@@ -325,9 +317,9 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
         processes=processes,
         criterion=train_loss(cfg.aug),
         mixup=mixup_fn(cfg.aug, cfg.data.num_classes),
-        train_loader=train_loader,
-        train_sampler=train_sampler,
-        val_loader=val_loader,
+        train_loader=loaders.train,
+        train_start_at=loaders.start_at,
+        val_loader=loaders.val,
         steps_per_epoch=steps_per_epoch,
         accumulation=accumulation,
         samples_per_step_per_rank=t.global_batch_size // world_size,

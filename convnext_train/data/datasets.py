@@ -1,17 +1,72 @@
-"""The training and validation sets a `data` config names, ready for `EpochSampler` keys."""
+"""The training and validation data a `data` config names: datasets and the loaders over them.
+
+`build_loaders` is the one seam between data and trainer. Whatever the `data.kind`, the training
+loader yields micro-batches `(images, targets, replaced)` and can be positioned mid-epoch (resume);
+the images are either CPU tensors (the reference path: the step moves them) or already on the
+device (FFCV: decoded and augmented there).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from convnext_train.data.imagefolder import ImageFolderDataset, train_and_val_datasets
-from convnext_train.data.loaders import SeededSamples
+from convnext_train.data.loaders import EpochSampler, SeededSamples, make_loader
 from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.errors import UserError
 
-KINDS = ("imagefolder", "digits", "synthetic")
+KINDS = ("imagefolder", "digits", "synthetic", "ffcv")
+
+
+@dataclass
+class Loaders:
+    train: Iterable  # micro-batches of (images, targets, replaced) for this process
+    train_length: int  # images in the whole training set (all processes)
+    # (epoch, samples this process has already consumed in it): where the next pass over `train` starts
+    start_at: Callable[[int, int], None]
+    val: Iterable | None  # this process's shard of the validation set; None: no validation split
+
+
+def build_loaders(
+    data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1
+) -> Loaders:
+    """The loaders of one training process. Each epoch's order is a permutation seeded by (seed,
+    epoch); process r takes every world_size-th image from position r, so the global order is the
+    same whatever the number of processes."""
+    if data_cfg.kind == "ffcv":
+        from convnext_train.data.ffcv import ffcv_loaders
+
+        return ffcv_loaders(data_cfg, aug_cfg, seed=seed, batch_size=batch_size, device=device, rank=rank, world_size=world_size)
+    train_images, val_images = build_datasets(data_cfg, aug_cfg, seed=seed)
+    loader = partial(make_loader, batch_size=batch_size, num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory and device.type == "cuda")
+    train_sampler = EpochSampler(len(train_images), seed=seed, shuffle=True, drop_last=True, rank=rank, world_size=world_size)
+    val = None
+    if val_images is not None:
+        val_sampler = EpochSampler(len(val_images), seed=seed, shuffle=False, drop_last=False, rank=rank, world_size=world_size)
+        val = loader(val_images, val_sampler, drop_last=False)
+    return Loaders(
+        train=loader(train_images, train_sampler, drop_last=True),
+        train_length=len(train_images),
+        start_at=train_sampler.set_position,
+        val=val,
+    )
+
+
+def build_val_loader(data_cfg: DictConfig, crop_pct: float, *, batch_size: int, device: torch.device) -> Iterable:
+    """The whole validation split with the official eval preprocessing, in one process (eval.py)."""
+    if data_cfg.kind == "ffcv":
+        from convnext_train.data.ffcv import ffcv_val_loader
+
+        return ffcv_val_loader(data_cfg, crop_pct, batch_size=batch_size, device=device)
+    images = val_dataset(data_cfg, crop_pct)
+    sampler = EpochSampler(len(images), seed=0, shuffle=False, drop_last=False)
+    return make_loader(images, sampler, batch_size=batch_size, num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False)
 
 
 def build_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples | None]:
