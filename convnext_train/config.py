@@ -10,10 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from convnext_train.errors import UserError
+from convnext_train.parallelize import STRATEGIES
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-STRATEGIES = ("ddp",)
+FFCV_ORDERS = ("random", "quasi_random")  # data=ffcv: EpochSampler's permutation, or FFCV's page-local shuffle
 
 
 def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
@@ -27,7 +28,10 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
 
     require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}")
     require(t.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}")
-    require(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)} (FSDP2 is not built yet)")
+    require(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)}")
+    # fp16 needs a grad scaler whose overflow check spans every rank's gradient shard (FSDP1 had
+    # ShardedGradScaler); torch.amp.GradScaler would let each rank skip steps on its own shard alone.
+    require(not (t.strategy == "fsdp" and t.precision == "fp16"), "trainer.precision", "fp16 is not supported with trainer.strategy=fsdp; use bf16 (or fp32)")
     require(_number(t.dist_timeout_minutes) and t.dist_timeout_minutes > 0, "trainer.dist_timeout_minutes", "must be > 0")
     require(_positive_int(t.epochs), "trainer.epochs", "must be a positive integer")
     require(_positive_int(t.micro_batch_size), "trainer.micro_batch_size", "must be a positive integer")
@@ -65,6 +69,10 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
         require(t.micro_batch_size % 2 == 0, "trainer.micro_batch_size", "must be even when Mixup/CutMix is on")
     require(_positive_int(cfg.data.img_size), "data.img_size", "must be a positive integer")
     require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers", "must be an integer >= 0")
+    if cfg.data.get("kind") == "ffcv":
+        require(cfg.data.order in FFCV_ORDERS, "data.order", f"must be one of {', '.join(FFCV_ORDERS)}")
+        require(isinstance(cfg.data.os_cache, bool), "data.os_cache", "must be true or false")
+        require(_positive_int(cfg.data.batches_ahead), "data.batches_ahead", "must be a positive integer")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 

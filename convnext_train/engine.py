@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from convnext_train.distributed import all_reduce_sum
@@ -74,7 +75,7 @@ def optimizer_step(run: Run, batches: Iterator, window: LossWindow) -> float:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
-        run.ema.update(run.model, step=run.state.step)
+        run.ema.update(run.model)
     run.state.step += 1
     return lr
 
@@ -128,13 +129,21 @@ class NonFiniteLoss(UserError):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, memory_format) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy over the loader's images."""
+def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, memory_format, lockstep_shape: tuple | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy over the loader's images.
+
+    `lockstep_shape`: the model's forward is a collective (FSDP), so every process must call it as
+    often as the one with the most batches; the others run unscored forwards of this shape.
+    """
     model.eval()
     correct1 = torch.zeros((), dtype=torch.long, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = skipped = 0
+    count = skipped = idle_forwards = 0
+    if lockstep_shape is not None:  # agreed before the first forward: collectives must pair up
+        most = torch.tensor(len(loader), device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        idle_forwards = int(most) - len(loader)
     for images, targets, replaced in loader:
         skipped += int(replaced.sum())
         images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -148,6 +157,9 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, memory
         correct1 += hits[:, 0].sum()
         correct5 += hits.any(dim=1).sum()
         count += targets.numel()
+    for _ in range(idle_forwards):
+        with autocast():
+            model(torch.zeros(lockstep_shape, device=device).to(memory_format=memory_format))
     # Each process scored its own shard; the sums over all of them are the whole set's.
     totals = all_reduce_sum(
         torch.stack([correct1.double(), correct5.double(), loss_sum, torch.tensor(float(count), device=device, dtype=torch.float64), torch.tensor(float(skipped), device=device, dtype=torch.float64)])

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from convnext_train.checkpoints import CheckpointError, load_pretrained
@@ -38,11 +37,13 @@ from convnext_train.distributed import (
     main_process_first,
     shutdown,
 )
+from convnext_train.ema import WeightEma
 from convnext_train.engine import NonFiniteLoss, evaluate, train_one_epoch
 from convnext_train.errors import UserError
 from convnext_train.metrics import RunLogger
 from convnext_train.models import build_model
 from convnext_train.optim import build_optimizer
+from convnext_train.parallelize import all_finite, full_state_dicts, is_sharded, load_full_state_dicts, parallelize, reshard
 from convnext_train.preemption import Preemption
 from convnext_train.resume import RunCheckpoints, restore_rng_state, rng_state
 from convnext_train.schedule import cosine_lr
@@ -71,11 +72,11 @@ class Run:
     cfg: DictConfig
     run_dir: Path
     device: torch.device
-    model: torch.nn.Module  # the plain module: checkpoints and EMA read it
+    model: torch.nn.Module  # the module itself (sharded in place under FSDP): optimizer, EMA, checkpoints
     forward: torch.nn.Module  # what the step calls: the model, DDP-wrapped and compiled as asked
     no_sync: Callable[[], contextlib.AbstractContextManager]  # skip the gradient all-reduce
     processes: Processes
-    ema: ModelEmaV3 | None
+    ema: WeightEma | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     criterion: torch.nn.Module
@@ -142,19 +143,26 @@ class Run:
     def save_checkpoint(self, epoch: int) -> Path:
         # A finite loss can still leave non-finite weights behind (the update after it diverged):
         # such weights must never replace the last good checkpoint.
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not all_finite(self.model):
             raise NonFiniteLoss(
                 f"the weights became non-finite by step {self.state.step}; the run stopped and the last "
                 "checkpoint before it is kept. Lower optimizer.lr or set trainer.clip_grad"
             )
         self.state.epoch = epoch
-        rng_per_rank = gather_objects(rng_state())  # the one collective here: every rank comes
+        # Collectives (gathers under FSDP, of the RNG states always): every rank comes here.
+        weights, optimizer_state = full_state_dicts(self.model, self.optimizer)
+        if self.ema is not None:
+            with self.ema.swapped_into(self.model):
+                # Copies: unsharded, the state dict holds the model's own tensors, which get the
+                # trained weights back when the block ends.
+                ema_weights = {k: v.clone() for k, v in full_state_dicts(self.model, None)[0].items()}
+        rng_per_rank = gather_objects(rng_state())
         if not self.processes.is_main:
             self.last_save = time.monotonic()
             return self.checkpoints.directory / "last.pt"
         checkpoint = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer_state,  # keyed by parameter name: loads under any strategy
             "scaler": self.scaler.state_dict(),
             "epoch": self.state.epoch,
             "step": self.state.step,
@@ -163,22 +171,39 @@ class Run:
             "rng": rng_per_rank,  # one entry per rank
         }
         if self.ema is not None:
-            checkpoint["model_ema"] = self.ema.module.state_dict()
+            checkpoint["model_ema"] = ema_weights
         path = self.checkpoints.save(checkpoint)
         self.last_save = time.monotonic()
         return path
 
     def evaluate(self) -> dict[str, float]:
         """top1, top5, val_loss of the model (and with an `_ema` suffix, of the EMA weights)."""
-        settings = dict(device=self.device, autocast=self.autocast, memory_format=self.memory_format)
-        # The plain module: evaluation shards are uneven and DDP's forward would wait for peers.
-        models = {"": self.model} | ({"_ema": self.ema.module} if self.ema is not None else {})
-        result = {}
-        for suffix, model in models.items():
-            scores = evaluate(model, self.val_loader, **settings)
-            result.update({f"top1{suffix}": scores["top1"], f"top5{suffix}": scores["top5"], f"val_loss{suffix}": scores["loss"]})
-        result["val_images"] = scores["images"]  # counted over every process's shard
+        result = self._scores("")
+        if self.ema is not None:
+            with self.ema.swapped_into(self.model):
+                result |= self._scores("_ema")
         return result
+
+    def _scores(self, suffix: str) -> dict[str, float]:
+        # The module itself, not DDP's wrapper: evaluation shards are uneven and DDP's forward
+        # would wait for peers. An FSDP forward is collective however: every rank runs as many
+        # batches as the one with the most (see `evaluate`), then the weights go back to shards.
+        image_shape = (1, self.cfg.model.in_chans, self.cfg.data.img_size, self.cfg.data.img_size)
+        scores = evaluate(
+            self.model,
+            self.val_loader,
+            device=self.device,
+            autocast=self.autocast,
+            memory_format=self.memory_format,
+            lockstep_shape=image_shape if is_sharded(self.model) else None,
+        )
+        reshard(self.model)
+        return {
+            f"top1{suffix}": scores["top1"],
+            f"top5{suffix}": scores["top5"],
+            f"val_loss{suffix}": scores["loss"],
+            "val_images": scores["images"],  # counted over every process's shard
+        }
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -334,14 +359,16 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
 def bind_model(model: torch.nn.Module, cfg: DictConfig, processes: Processes, device: torch.device, memory_format) -> dict[str, Any]:
     """The parts of a Run that belong to one model: the model on its device, what the step calls,
     the EMA, the optimizer and the grad scaler (the benchmark swaps in timm's model through this)."""
+    t = cfg.trainer
     model = model.to(device=device, memory_format=memory_format)
-    forward, no_sync = wrap_for_training(model, processes, device, compile_model=cfg.trainer.compile)
+    parallel = parallelize(model, processes, device, strategy=t.strategy, precision=t.precision, compile_model=t.compile)
     return {
         "model": model,
-        "forward": forward,
-        "no_sync": no_sync,
-        # After wrapping: DDP has broadcast rank 0's weights, so every rank's EMA starts from them.
-        "ema": ModelEmaV3(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,
+        "forward": parallel.forward,
+        "no_sync": parallel.no_sync,
+        # After wrapping: DDP has broadcast rank 0's weights (FSDP: each rank's shard of the same
+        # seeded weights), so the EMA starts from them.
+        "ema": WeightEma(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,
         "optimizer": build_optimizer(model, cfg.optimizer, device.type),
         "scaler": torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16"),
     }
@@ -364,12 +391,12 @@ def peak_lr(cfg: DictConfig) -> float:
 
 def restore(checkpoint: dict, cfg: DictConfig, model, ema, optimizer, scaler, processes: Processes) -> TrainState:
     try:
-        model.load_state_dict(checkpoint["model"])
+        load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
         if ema is not None and "model_ema" in checkpoint:
-            ema.module.load_state_dict(checkpoint["model_ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+            with ema.swapped_into(model):
+                load_full_state_dicts(model, None, checkpoint["model_ema"], None)
         scaler.load_state_dict(checkpoint["scaler"])
-    except (KeyError, RuntimeError, ValueError) as error:
+    except (KeyError, RuntimeError, ValueError, TypeError, AssertionError) as error:
         raise CheckpointError(
             f"the run directory's checkpoint does not fit this config ({error}); "
             "use another hydra.run.dir or remove its checkpoints/ to start afresh"
@@ -396,19 +423,6 @@ def reseed_per_rank(seed: int, processes: Processes) -> None:
     """Rank 0 keeps `seed` (so one process reproduces a single-process run); the others differ."""
     if processes.rank:
         seed_everything(seed + 7919 * processes.rank)
-
-
-def wrap_for_training(model: torch.nn.Module, processes: Processes, device: torch.device, *, compile_model: bool):
-    """What the step calls, applied from outside the model: DDP first (it broadcasts rank 0's
-    weights and all-reduces gradients), then torch.compile over it. Also the context that skips the
-    gradient all-reduce on the micro-batches before an accumulation window's last."""
-    forward, no_sync = model, contextlib.nullcontext
-    if processes.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        forward, no_sync = ddp, ddp.no_sync
-    if compile_model:
-        forward = torch.compile(forward)
-    return forward, no_sync
 
 
 def seed_everything(seed: int) -> None:

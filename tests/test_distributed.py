@@ -59,12 +59,39 @@ def two_processes(data, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def fsdp(data, tmp_path_factory):
+    """FSDP2 on 2 processes with micro-batches of 1: 8 micro-batches of accumulation per step (the
+    gradient reduce-scatter on the last only), and 8 and 7 validation batches on the two ranks, so
+    the rank with fewer runs one forward without images (FSDP forwards are collective)."""
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    result = train(data, run_dir, 2, "data.num_classes=3", "trainer.strategy=fsdp", "trainer.micro_batch_size=1")
+    assert "(2 process(es))" in result.stdout
+    return run_dir
+
+
 def test_two_processes_train_like_one_with_the_same_global_batch(one_process, two_processes):
     a, b = load(one_process / "checkpoints" / "last.pt"), load(two_processes / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 12
     assert relative_difference(a["model"], b["model"]) < 1e-5
     assert relative_difference(a["model_ema"], b["model_ema"]) < 1e-5
     assert relative_difference(a["model"], load(one_process / "checkpoints" / "step_000000001.pt")["model"]) > 1e-3
+
+
+def test_fsdp_on_two_processes_trains_like_one_process(one_process, fsdp):
+    a, b = load(one_process / "checkpoints" / "last.pt"), load(fsdp / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    assert a["model"].keys() == b["model"].keys()  # whole tensors, the plain model's names
+    assert relative_difference(a["model"], b["model"]) < 1e-5
+    assert relative_difference(a["model_ema"], b["model_ema"]) < 1e-5
+    for name in a["optimizer"]["state"]:  # AdamW's moments, gathered from the shards, by name
+        assert relative_difference(a["optimizer"]["state"][name], b["optimizer"]["state"][name]) < 1e-4
+    single, sharded = ([r for r in read_jsonl(d / "metrics.jsonl") if "top1" in r] for d in (one_process, fsdp))
+    for x, y in zip(single, sharded, strict=True):
+        for key in ("top1", "top5", "top1_ema", "top5_ema"):
+            assert y[key] == pytest.approx(x[key]), key
+        assert y["val_loss_ema"] == pytest.approx(x["val_loss_ema"], rel=1e-4)
+        assert y["val_images"] == 15
 
 
 def test_sharded_evaluation_counts_every_image_once(one_process, two_processes):
@@ -97,6 +124,23 @@ def test_a_run_saved_by_two_processes_resumes_on_one_or_two(two_processes, data,
     final, reference = load(run_dir / "checkpoints" / "last.pt"), load(two_processes / "checkpoints" / "last.pt")
     assert final["step"] == 12
     assert relative_difference(final["model"], reference["model"]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "saved_by, resumed_with",
+    [("fsdp", []), ("fsdp", ["trainer.strategy=fsdp"]), ("fsdp", ["trainer.strategy=ddp"]), ("ddp", ["trainer.strategy=fsdp"])],
+    ids=["fsdp-2-to-1", "fsdp-2-to-fsdp-2", "fsdp-2-to-ddp-2", "ddp-2-to-fsdp-2"],
+)
+def test_a_run_resumes_across_strategies_and_world_sizes(saved_by, resumed_with, request, data, tmp_path):
+    source = request.getfixturevalue({"fsdp": "fsdp", "ddp": "two_processes"}[saved_by])
+    run_dir = rewind(source, tmp_path / "run", step=6)
+    processes = 2 if resumed_with else 1
+    result = train(data, run_dir, processes, "data.num_classes=3", *resumed_with)
+    assert "resumed from" in result.stdout and "epoch 1, step 6" in result.stdout
+    final, reference = load(run_dir / "checkpoints" / "last.pt"), load(source / "checkpoints" / "last.pt")
+    assert final["step"] == 12
+    assert relative_difference(final["model"], reference["model"]) < 1e-5
+    assert relative_difference(final["model_ema"], reference["model_ema"]) < 1e-5
 
 
 def worker_pids(launcher_pid: int) -> dict[int, int]:

@@ -205,11 +205,13 @@ def test_unknown_model_lists_the_variants(tmp_path, tiny_imagefolder):
         ("optimizer.lr=-1", "optimizer.lr=-1"),
         ("aug.reprob=1.5", "aug.reprob=1.5"),
         ("ema.decay=1", "ema.decay=1"),
+        ("trainer.strategy=zero3", "trainer.strategy=zero3"),
+        ("trainer.strategy=fsdp trainer.precision=fp16", "fp16 is not supported with trainer.strategy=fsdp"),
     ],
 )
 def test_invalid_config_value_fails_before_any_compute(tmp_path, tiny_imagefolder, override, key):
     run_dir = tmp_path / "run"
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir), override)
+    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir), *override.split())
     assert_user_error(result, key)
     assert not (run_dir / "checkpoints").exists()
 
