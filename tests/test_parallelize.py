@@ -57,7 +57,7 @@ WORKER = textwrap.dedent(
     from convnext_train.parallelize import parallelize, full_state_dicts, load_full_state_dicts
     from omegaconf import OmegaConf
 
-    strategy, out = sys.argv[1], sys.argv[2]
+    strategy, compiled, out = sys.argv[1], sys.argv[2] == "compiled", sys.argv[3]
     processes = init_processes("cpu", 5)
     cfg = OmegaConf.load("conf/model/convnext_atto.yaml")
     cfg.num_classes, cfg.drop_path_rate = 5, 0.0
@@ -65,7 +65,7 @@ WORKER = textwrap.dedent(
     reference = build_model(cfg)
     model = build_model(cfg)
     model.load_state_dict(reference.state_dict())
-    parallel = parallelize(model, processes, torch.device("cpu"), strategy=strategy, precision="fp32", compile_model=False)
+    parallel = parallelize(model, processes, torch.device("cpu"), strategy=strategy, precision="fp32", compile_model=compiled)
 
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     rank, world = processes.rank, processes.world_size
@@ -117,13 +117,17 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_gradients_sync_on_the_last_micro_batch_only_and_match_one_process(strategy, tmp_path):
+@pytest.mark.parametrize(
+    "strategy, compiled",
+    [("ddp", "eager"), ("fsdp", "eager"), pytest.param("fsdp", "compiled", marks=pytest.mark.slow)],
+)
+def test_gradients_sync_on_the_last_micro_batch_only_and_match_one_process(strategy, compiled, tmp_path):
+    """Compiled: each stage compiled in place before sharding (about a minute of Inductor on 2 CPU cores)."""
     script, out = tmp_path / "worker.py", tmp_path / "out.json"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), strategy, str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), strategy, compiled, str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
