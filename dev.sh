@@ -17,8 +17,28 @@ setup() {
         # local CPU-only torch wheel (find-links); torchvision has no CPU build to match it, and a CUDA
         # torchvision on a CPU torch fails at import. So resolve both from the index alone.
         PIP_FIND_LINKS= "$venv/bin/python" -m pip install -q -e ".[test]"
-        rm -f "$venv"/.installed-*
+        rm -f "$venv"/.installed-* "$venv/ffcv-unavailable"
         touch "$stamp"
+    fi
+    setup_ffcv
+}
+
+# FFCV (data=ffcv, the fast data path) is the optional extra `.[ffcv]`, part of the test environment
+# whenever it can be built: pip compiles it against pkg-config, libturbojpeg and OpenCV, which Debian
+# ships as `pkg-config libturbojpeg0-dev libopencv-dev` (.ci/run installs them as root). Without them
+# the reason is written to $venv/ffcv-unavailable and tests/test_ffcv.py skips, quoting it; FFCV
+# missing without that file fails those tests instead, so a broken install cannot pass unnoticed.
+setup_ffcv() {
+    if "$venv/bin/python" -c "import importlib.metadata as m; m.version('ffcv')" 2>/dev/null; then
+        rm -f "$venv/ffcv-unavailable"
+        return
+    fi
+    if command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg opencv4; then
+        PIP_FIND_LINKS= "$venv/bin/python" -m pip install -q -e ".[test,ffcv]"
+        rm -f "$venv/ffcv-unavailable"
+    else
+        echo "pkg-config, libturbojpeg or OpenCV's development files are missing (Debian: apt-get install pkg-config libturbojpeg0-dev libopencv-dev)" >"$venv/ffcv-unavailable"
+        echo "dev.sh: FFCV (data=ffcv) not installed: $(cat "$venv/ffcv-unavailable"); its tests will skip" >&2
     fi
 }
 

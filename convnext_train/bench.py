@@ -4,6 +4,7 @@
     python -m convnext_train.bench step model=convnext_t trainer.micro_batch_size=128 vs=bare
     python -m convnext_train.bench eval model=convnext_b trainer.micro_batch_size=256 trainer.precision=fp32 tf32=true vs=timm
     python -m convnext_train.bench loader data.root=/datasets/imagenet data.num_workers=10
+    python -m convnext_train.bench loader data=imagenet_ffcv data.root=/datasets/imagenet-ffcv data.num_workers=10
 
 - `step`: `engine.optimizer_step`, the training step itself (forward, loss, backward, AdamW at the
   scheduled lr, EMA), on a Run built by `trainer.build_run` with `data=synthetic` and one batch

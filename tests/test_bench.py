@@ -123,6 +123,28 @@ def test_loader_on_an_imagefolder(tiny_imagefolder):
     assert row["settings"]["config"]["aug"]["mixup"] > 0  # the recipe's Mixup/CutMix was on the batch
 
 
+def ffcv_missing_reason() -> str | None:
+    """None when FFCV imports; else why not (tests/test_ffcv.py decides between skipping and failing)."""
+    from convnext_train.data.ffcv import FFCV_IMPORT_ERROR
+
+    return None if FFCV_IMPORT_ERROR is None else f"FFCV cannot be imported: {FFCV_IMPORT_ERROR}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ffcv_missing_reason() is not None, reason=str(ffcv_missing_reason()))
+def test_loader_on_ffcv_beton_files(tmp_path):
+    from conftest import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "images", size=64)
+    writer = subprocess.run([sys.executable, "data/write_ffcv.py", str(root), str(tmp_path / "ffcv"), "--workers", "1"], cwd=REPO, capture_output=True, text=True)
+    assert writer.returncode == 0, writer.stderr[-3000:]
+    result = run_bench("loader", *TINY_BENCH, "data=ffcv", f"data.root={tmp_path / 'ffcv'}", "data.num_classes=4", "data.num_workers=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json_rows(result.stdout)
+    assert_row(row, bench="loader", impl="ours", has_mfu=False)
+    assert row["settings"]["config"]["data"]["kind"] == "ffcv" and row["settings"]["config"]["aug"]["auto_augment"]
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
