@@ -8,7 +8,7 @@ batch 128, each measured by `python -m convnext_train.bench loader`.
     python data/loader_benchmark.py --repeats 3 -- aug.auto_augment=null aug.color_jitter=null aug.reprob=0
 
 --dir (default /tmp/convnext-loader-bench) receives 2,100 ImageNet-like photos (data/photo_imagefolder.py:
-about 400 x 350, quality-90 JPEG) and their .beton files (data/write_ffcv.py), made once and reused.
+about 400 x 370, quality-90 JPEG) and their .beton files (data/write_ffcv.py), made once and reused.
 Arguments after `--` are overrides for both paths.
 
 Side by side in one run, but never at the same time: a loader works in the background between the
@@ -68,7 +68,7 @@ def bench(arguments: list[str], env: dict) -> tuple[dict, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/convnext-loader-bench"))
-    parser.add_argument("--ffcv-workers", type=int, default=1, help="decoding threads (1: the batch ops need the other core)")
+    parser.add_argument("--ffcv-workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--pil-workers", type=int, default=3, help="DataLoader worker processes")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-others", type=float, default=0.15, help="cores other processes may use during a run")

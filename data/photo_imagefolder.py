@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Write an ImageFolder tree of ImageNet-like JPEG photos, without a download: for the FFCV tests and
-the loader benchmark (`data/loader_benchmark.sh`).
+the loader benchmark (`data/loader_benchmark.py`).
 
     python data/photo_imagefolder.py /tmp/photos --classes 10 --train-per-class 200 --val-per-class 10
 
 Each image is a random crop of one of the two photographs bundled with scikit-learn (640 x 427),
-resized to a random ImageNet-like size (shorter side 250..450, aspect 0.75..1.45: about 400 x 350 on
+resized to a random ImageNet-like size (shorter side 250..450, aspect 0.75..1.45: about 400 x 370 on
 average, as ImageNet's images are), slightly tinted by its class, and saved as a quality-90 JPEG.
 Class c's tint is `TINT_STRENGTH` x a random amount in one channel direction: classes overlap, so a
 small model learns them well but not perfectly (the FFCV evaluation-equivalence test needs a model
