@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, make_imagefolder
-from test_train import load, read_jsonl, tiny_run
+from test_train import load, read_jsonl, relative_difference, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ def train(data: Path, run_dir: Path, processes: int, *extra: str, timeout: float
     result = subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
-
-
-def relative_difference(a: dict, b: dict) -> float:
-    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
-    den = sum(float(a[k].double().norm() ** 2) for k in a)
-    return (num / den) ** 0.5
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from torchvision.datasets import ImageFolder
 
 from conftest import REPO, run_script
 from convnext_train.data.ffcv import FFCV_IMPORT_ERROR
-from test_train import assert_user_error, load, read_jsonl
+from test_train import assert_user_error, load, read_jsonl, relative_difference
 
 sys.path.insert(0, str(REPO / "data"))  # data/ is a folder of scripts, not a package
 import photo_imagefolder  # noqa: E402
@@ -564,11 +564,6 @@ FFCV_RUN = [
 
 def ffcv_run(photos: Path, run_dir: Path, *extra: str) -> list[str]:
     return [*FFCV_RUN, f"data.root={photos / 'ffcv'}", f"hydra.run.dir={run_dir}", *extra]
-
-
-def relative_difference(a: dict, b: dict) -> float:
-    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
-    return (num / sum(float(a[k].double().norm() ** 2) for k in a)) ** 0.5
 
 
 @pytest.mark.slow

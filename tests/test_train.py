@@ -45,6 +45,13 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def relative_difference(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over every tensor of two state dicts (float round-off: about 1e-7)."""
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
+    den = sum(float(a[k].double().norm() ** 2) for k in a)
+    return (num / den) ** 0.5
+
+
 def assert_same_tensors(a, b, where: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), f"{where} differs"
