@@ -18,9 +18,13 @@ path's figure is the median round over its runs. The machine may be shared: for 
 that other processes used meanwhile is measured (/proc/stat minus the bench's own), and a run in which
 they used more than --max-others cores is repeated (up to --retries times), never averaged in.
 
-Both paths get the same glibc malloc setting unless --default-malloc: without it the large temporary
-tensors of Mixup and of the batch ops are mapped and unmapped at every batch, and page faults take a
-third of the CPU time.
+Both paths get the same memory settings unless --default-malloc: a glibc malloc setting, and
+torch's THP_MEM_ALLOC_ENABLE=1 (torch's large CPU tensors on 2 MB transparent huge pages). Without
+them every batch's large tensors (the collated or normalised batch, Mixup's flipped copy) come as
+fresh 4 KB pages, about 19,000 page faults per 77 MB tensor, which took a third of the CPU time.
+--torch-threads sets OMP_NUM_THREADS for both: the main process's torch operations (Mixup,
+normalisation, erasing) then use that many threads; with 2, torch's spare OpenMP thread spins
+between operations on a core the loader needs.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--max-others", type=float, default=0.15, help="cores other processes may use during a run")
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--default-malloc", action="store_true")
+    parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for both paths (default: torch's, one per core)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -85,12 +90,16 @@ def main() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore:This DataLoader will create"}  # 3 workers on 2 cores is the point
     if not args.default_malloc:
         env["GLIBC_TUNABLES"] = MALLOC
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     common = [f"trainer.micro_batch_size={BATCH}", "trainer.device=cpu", "data.num_classes=10", "warmup=3", "steps=10", "rounds=3", *args.overrides]
     paths = {
         "ffcv": ["data=ffcv", f"data.root={betons}", f"data.num_workers={args.ffcv_workers}", *common],
         "pil": [f"data.root={photos}", f"data.num_workers={args.pil_workers}", *common],
     }
-    print(f"{os.cpu_count()} cores; GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '(default)')}", flush=True)
+    settings = {name: env.get(name, "(default)") for name in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")}
+    print(f"{os.cpu_count()} cores; " + "; ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
     rows: dict[str, list[dict]] = {path: [] for path in paths}
     for repeat in range(args.repeats):
         for path, arguments in paths.items():

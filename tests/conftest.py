@@ -50,6 +50,7 @@ import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+import sklearn.datasets  # noqa: E402
 
 
 def make_imagefolder(root: Path, *, classes: int = 4, train_per_class: int = 16, val_per_class: int = 4, size: int = 40, seed: int = 0) -> Path:
@@ -86,3 +87,37 @@ def run_script(script: str, *overrides: str, timeout: float = 600, env: dict | N
 @pytest.fixture(scope="session")
 def tiny_imagefolder(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+def skip_module_without_ffcv() -> None:
+    """For test modules that need FFCV (and the numba it brings): skip them where `dev.sh` recorded
+    that FFCV cannot be installed on this machine (its system libraries are missing), quoting why;
+    fail where it should be there, so that a broken install never passes as a skip."""
+    from convnext_train.data.ffcv import FFCV_IMPORT_ERROR
+
+    if FFCV_IMPORT_ERROR is None:
+        return
+    marker = Path(sys.prefix) / "ffcv-unavailable"
+    if not marker.is_file():
+        raise RuntimeError(f"ffcv cannot be imported ({FFCV_IMPORT_ERROR}); `bash dev.sh test` installs it (see the README's 'Fast data path')")
+    pytest.skip(f"FFCV is not installed: {marker.read_text().strip()}", allow_module_level=True)
+
+
+PHOTO_DIR = Path(sklearn.datasets.__file__).parent / "images"
+
+
+def sample_photos() -> list[Image.Image]:
+    """The two JPEG photographs bundled with scikit-learn, read from disk."""
+    return [Image.open(PHOTO_DIR / name).convert("RGB") for name in ("china.jpg", "flower.jpg")]
+
+
+def photo_crops(photos: list[Image.Image], count: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """`count` different size x size views: random squares of 1-2.5x the size, resized down."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        side = int(size * rng.uniform(1, 2.5))
+        left, top = rng.integers(0, photo.width - side), rng.integers(0, photo.height - side)
+        out.append(photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))
+    return out

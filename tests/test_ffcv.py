@@ -9,7 +9,7 @@ What is proven here:
   an epoch without repeating or skipping an image (and with the same pixels), validation shards count
   every image once, the pixels do not depend on the number of decoding threads;
 - the augmentation: the crop and flip statistics of the FFCV decoder are timm's, and the batches' pixel
-  statistics under the full recipe match the ImageFolder path's (BatchAugment is applied);
+  statistics under the full recipe match the ImageFolder path's (RandAugment and erasing are applied);
 - the evaluation: a fixed model scores the same top-1 (within 0.5 points) through both paths;
 - the errors: a missing .beton, a wrong field layout, a missing ffcv install: one line, exit code 2;
 - DDP and resume end to end: two processes, killed mid-epoch and restarted, end where one process does.
@@ -40,8 +40,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch import nn
 from torchvision.datasets import ImageFolder
 
-from conftest import REPO, run_script
-from convnext_train.data.ffcv import FFCV_IMPORT_ERROR
+from conftest import REPO, run_script, skip_module_without_ffcv
 from test_train import assert_user_error, load, read_jsonl, relative_difference
 
 sys.path.insert(0, str(REPO / "data"))  # data/ is a folder of scripts, not a package
@@ -49,16 +48,7 @@ import photo_imagefolder  # noqa: E402
 import write_ffcv  # noqa: E402
 
 
-def ffcv_unavailable_reason() -> str | None:
-    """Why dev.sh could not install FFCV (its system libraries are missing), if it said so."""
-    marker = Path(sys.prefix) / "ffcv-unavailable"
-    return marker.read_text().strip() if marker.is_file() else None
-
-
-if FFCV_IMPORT_ERROR is not None:
-    if ffcv_unavailable_reason() is None:  # FFCV should be there: fail loudly, never skip quietly
-        raise RuntimeError(f"ffcv cannot be imported ({FFCV_IMPORT_ERROR}); `bash dev.sh test` installs it (see the README's 'Fast data path')")
-    pytest.skip(f"FFCV is not installed: {ffcv_unavailable_reason()}", allow_module_level=True)
+skip_module_without_ffcv()
 
 from convnext_train.data.datasets import build_loaders, build_val_loader  # noqa: E402
 from convnext_train.data.ffcv import ffcv_loaders, image_key, random_crop  # noqa: E402
@@ -487,8 +477,8 @@ def recipe_statistics(loaders, epochs: int) -> torch.Tensor:
 
 
 def test_batches_under_the_full_recipe_have_the_imagefolder_paths_statistics(photos):
-    """RandAugment and random erasing run on FFCV's batches (BatchAugment): the batch statistics
-    match the PIL path's over the same photos, and differ from batches without them."""
+    """RandAugment (in the decoder) and random erasing (BatchAugment) run on FFCV's batches: the batch
+    statistics match the PIL path's over the same photos, and differ from batches without them."""
     recipe = aug_config(mixup=0.0, cutmix=0.0)  # Mixup/CutMix is the training step's, on both paths
     ffcv_cfg = ffcv_data(photos / "ffcv", num_classes=4, img_size=48, num_workers=1)
     with torch_threads(1):
@@ -499,7 +489,7 @@ def test_batches_under_the_full_recipe_have_the_imagefolder_paths_statistics(pho
     for k, name in enumerate(["mean", "gradient"]):
         assert ks_2samp(ffcv[:, k], reference[:, k]).pvalue > 1e-3, name
     assert ks_2samp(ffcv[:, 1], plain[:, 1]).pvalue < 1e-6  # the test can tell augmented from not
-    # The same crops with and without BatchAugment (crops are keyed by image): it leaves an image as
+    # The same crops with and without RandAugment and erasing (crops are keyed by image): they leave an image as
     # it is when no RandAugment layer fired (0.5 x 0.5) and no box was erased (0.75), about 1 in 5,
     # or when the ops drawn do nothing to it (AutoContrast on a full-range photo): 0.77 measured.
     changed = ((ffcv - plain).abs() > 1e-6).any(1).double().mean()

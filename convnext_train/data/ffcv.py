@@ -1,21 +1,21 @@
-"""`data=ffcv`: the fast data path. FFCV reads `.beton` files, decodes and crops in threads; the rest of
-the recipe's augmentation runs on whole batches on the device.
+"""`data=ffcv`: the fast data path. FFCV reads `.beton` files and, per image in its compiled threads,
+decodes, crops, flips and applies RandAugment; the rest of the recipe runs on whole batches.
 
     python data/write_ffcv.py /datasets/imagenet /datasets/imagenet-ffcv    # train.beton, val.beton
     python train.py model=convnext_t data=imagenet_ffcv data.root=/datasets/imagenet-ffcv
 
-Training, per image: JPEG decode, random-resized crop with the recipe's scale and ratio (resized with
-FFCV's OpenCV INTER_AREA, where the PIL path uses bicubic) and horizontal flip, in FFCV's compiled
-pipeline; then, per batch on the device, `BatchAugment` (RandAugment per image, normalisation, random
-erasing). Mixup/CutMix stays in the training step, as on the reference path. Validation: the official
-resize + centre crop (squash at >= 384 px), normalised.
+Training, per image in FFCV's pipeline: JPEG decode, random-resized crop with the recipe's scale and
+ratio (resized with FFCV's OpenCV INTER_AREA, where the PIL path uses bicubic), horizontal flip, and
+timm's RandAugment (`rand_augment.py`, bit-exact with timm's PIL ops); then, per batch on the device,
+`BatchAugment` (normalisation, random erasing). Mixup/CutMix stays in the training step, as on the
+reference path. Validation: the official resize + centre crop (squash at >= 384 px), normalised.
 
 The same guarantees as the reference path (`loaders.py`):
 - order: each epoch's permutation is `EpochSampler`'s, rank r takes every world_size-th image from
   position r, and `start_at(epoch, k)` continues an epoch after the k images this rank has consumed;
-- randomness: the crop and flip of image i in epoch e are a pure function of (seed, e, i), drawn by a
-  counter-based generator inside the compiled decoder, and a batch's `BatchAugment` is seeded from
-  (seed, epoch, rank, position); so a resumed run sees the same pixels as an uninterrupted one.
+- randomness: the crop, flip and RandAugment of image i in epoch e are a pure function of (seed, e, i),
+  drawn by a counter-based generator inside the compiled decoder, and a batch's erasing is seeded
+  from (seed, epoch, rank, position); so a resumed run sees the same pixels as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from convnext_train.data.compiled import image_key, jit, uniform
 from convnext_train.data.loaders import EpochSampler
 from convnext_train.errors import UserError
 
@@ -169,39 +170,12 @@ def sidecar(beton: Path) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Randomness inside the compiled decoder: a counter-based generator keyed by (seed, epoch, image)
+# The decoder: JPEG decode, crop and flip, then RandAugment, per image in FFCV's threads
 # --------------------------------------------------------------------------------------------------
-def _jit(function):
-    """numba's compilation where FFCV is installed (it brings numba); the plain function otherwise
-    (never called then). Lazy: nothing compiles before the first call."""
-    return numba.njit(nogil=True, cache=True)(function) if numba is not None else function
-
-
-@_jit
-def mix64(x):
-    """SplitMix64's finaliser: a bijection of uint64 whose outputs look independent for consecutive inputs."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-@_jit
-def image_key(seed, epoch, index):
-    """The key of one image's draws in one epoch (seed: uint64, epoch, index: integers)."""
-    return mix64(mix64(mix64(seed) ^ np.uint64(epoch)) ^ np.uint64(index))
-
-
-@_jit
-def uniform(key, counter):
-    """Draw number `counter` under `key`: a float in [0, 1) with 53 random bits."""
-    return np.float64(mix64(key + np.uint64(counter)) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
 FLIP_DRAW = 40  # the flip's draw number: after the crop's 10 attempts of 4 draws each
 
 
-@_jit
+@jit
 def random_crop(height, width, key, scale_min, scale_max, log_ratio_min, log_ratio_max, ratio_min, ratio_max, hflip):
     """(top, left, crop height, crop width, flip) of a random-resized crop: torchvision's and timm's
     algorithm (10 tries of an area fraction ~ U(scale) and a log aspect ratio ~ U(log ratio), then the
@@ -228,7 +202,7 @@ def random_crop(height, width, key, scale_min, scale_max, log_ratio_min, log_rat
     return (height - h) // 2, (width - w) // 2, h, w, uniform(key, FLIP_DRAW) < hflip
 
 
-@_jit
+@jit
 def centre_crop(height, width, img_size, resize_size):
     """The official eval geometry in source pixels: resizing the shorter side to `resize_size`, then
     taking the central img_size square, reads this square of the source."""
@@ -237,7 +211,7 @@ def centre_crop(height, width, img_size, resize_size):
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-@_jit
+@jit
 def mirror(image):
     """Flip an HWC image left-right in place."""
     width = image.shape[1]
@@ -255,14 +229,19 @@ class CropDecoder(ResizedCropRGBImageDecoder):
     - `random`: the recipe's random-resized crop and flip, keyed by (seed, epoch, image index);
     - `centre`: the official eval crop (shorter side to `resize_size`, central `size` square);
     - `squash`: the whole image to a square (the official eval at >= 384 px).
+    With `rand_augment` (a `RandAugmentPolicy`, random mode only), timm's RandAugment follows the crop
+    and flip, on the image still in cache, its draws keyed like the crop's.
 
     The epoch is read at run time from a one-number cell owned by the decoder: FFCV compiles the
     pipeline once and freezes everything it closes over, so a new epoch cannot be passed as a
     constant; the cell's address is the constant and its content changes (`set_epoch`).
     """
 
-    def __init__(self, size: int, mode: str, *, seed: int = 0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.0, resize_size: int = 0):
+    def __init__(self, size: int, mode: str, *, seed: int = 0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.0, resize_size: int = 0, rand_augment=None):
         super().__init__((size, size))
+        if rand_augment is not None and mode != "random":
+            raise ValueError("RandAugment is for the random (training) crop")
+        self.rand_augment = rand_augment
         self.mode, self.seed, self.hflip, self.resize_size = mode, seed & UINT64, float(hflip), resize_size
         self.scale, self.ratio = tuple(float(s) for s in scale), tuple(float(r) for r in ratio)
         self.epoch_cell = np.zeros(1, dtype=np.int64)
@@ -295,13 +274,27 @@ class CropDecoder(ResizedCropRGBImageDecoder):
             raise ValueError(f"unknown crop mode {self.mode!r}")
         return Compiler.compile(crop)
 
+    def augment_function(self):
+        if self.rand_augment is None:
+            def augment(image, key):
+                pass
+        else:
+            from convnext_train.data.rand_augment import rand_augment
+
+            arguments = self.rand_augment.arguments()
+
+            def augment(image, key):
+                rand_augment(image, key, *arguments)
+        return Compiler.compile(augment)
+
     def generate_code(self):
         jpeg = IMAGE_MODES["jpg"]
         read = self.memory_read
-        crop = self.crop_function()
+        crop, augment = self.crop_function(), self.augment_function()
         decode_jpeg, resize = native_helpers()
         copy = ctypes_memcopy
         samples = Compiler.get_iterator()
+        set_parallel_chunksize = numba.set_parallel_chunksize
         seed = np.uint64(self.seed)
         epoch_address = np.uintp(self.epoch_cell.ctypes.data)
 
@@ -309,6 +302,9 @@ class CropDecoder(ResizedCropRGBImageDecoder):
             destination, scratch = my_storage
             epoch = np.zeros(1, dtype=np.int64)
             copy(epoch_address, epoch.ctypes.data, 8)
+            # Images one at a time to whichever thread is free: their costs differ several-fold (JPEG
+            # or raw, RandAugment's ops), and equal shares left a thread idle at the end of each batch.
+            chunk_size = set_parallel_chunksize(1)
             for slot in samples(len(batch_indices)):
                 index = batch_indices[slot]
                 field = metadata[index]
@@ -319,10 +315,13 @@ class CropDecoder(ResizedCropRGBImageDecoder):
                     image = scratch[slot].reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
-                top, left, h, w, flip = crop(height, width, image_key(seed, epoch[0], index))
+                key = image_key(seed, epoch[0], index)
+                top, left, h, w, flip = crop(height, width, key)
                 resize(image, top, top + h, left, left + w, destination[slot])
                 if flip:
                     mirror(destination[slot])
+                augment(destination[slot], key)
+            set_parallel_chunksize(chunk_size)
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -576,11 +575,13 @@ class FFCVBatches:
 class TrainBatches(FFCVBatches):
     def __init__(self, beton: Beton, data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int, batch_size: int, device: torch.device, rank: int, world_size: int, guard: OneDecodeAtATime):
         from convnext_train.data.batch_augment import BatchAugment, normalize
+        from convnext_train.data.rand_augment import rand_augment_policy
 
         img_size = data_cfg.img_size
         if aug_cfg.random_resized_crop:
-            decoder = CropDecoder(img_size, "random", seed=seed, scale=aug_cfg.scale, ratio=aug_cfg.ratio, hflip=aug_cfg.hflip)
-            self.augment = BatchAugment(aug_cfg, img_size)
+            policy = rand_augment_policy(aug_cfg, img_size)
+            decoder = CropDecoder(img_size, "random", seed=seed, scale=aug_cfg.scale, ratio=aug_cfg.ratio, hflip=aug_cfg.hflip, rand_augment=policy)
+            self.augment = BatchAugment(aug_cfg)
         else:  # aug=none: the eval pixels, as the reference path's train_transform gives them
             decoder = eval_decoder(img_size, aug_cfg.crop_pct)
             self.augment = lambda images, _seed: normalize(images)
