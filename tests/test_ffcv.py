@@ -461,6 +461,49 @@ def test_crop_and_flip_statistics_match_the_imagefolder_path(coordinates):
         assert abs(flips.mean() - 0.5) < 0.1  # 3.2 standard deviations of a binomial(256, 0.5)
 
 
+def test_the_decoders_rand_augment_is_the_standalone_one_bit_for_bit(photos, tmp_path):
+    """RandAugment inside FFCV's compiled decoder gives each crop exactly what `rand_augment` (tested
+    bit for bit against timm's PIL ops) gives it with the image's key, computed in a fresh process
+    with its own numba cache. numba compiles what a function calls under that function's flags, and
+    FFCV compiles its stages with fast-math: its fused multiply-adds moved pixels by a grey level (and,
+    in the same process, the standalone kernels too), before the decoder was compiled without it."""
+    data = ffcv_data(photos / "ffcv", num_classes=4, img_size=64, num_workers=2)
+    recipe = aug_config(reprob=0.0, mixup=0.0, cutmix=0.0)
+    with_rand_augment = ffcv_loaders(data, recipe, seed=5, batch_size=BATCH, device=CPU).train.batches_with_indices()
+    crops_only = ffcv_loaders(data, aug_config(**GEOMETRY_ONLY), seed=5, batch_size=BATCH, device=CPU).train.batches_with_indices()
+    augmented, plain, indices = [], [], []
+    for (images, *_, index), (crops, *_, same_index), _ in zip(with_rand_augment, crops_only, range(6)):
+        assert np.array_equal(index, same_index)
+        augmented.append(uint8_pixels(images))
+        plain.append(uint8_pixels(crops))
+        indices.append(index)
+    np.savez(tmp_path / "crops.npz", crops=np.concatenate(plain), indices=np.concatenate(indices))
+    reference = """
+import sys, numpy as np
+from omegaconf import OmegaConf
+from convnext_train.data.compiled import image_key
+from convnext_train.data.rand_augment import rand_augment, rand_augment_policy
+saved = np.load(sys.argv[1] + "/crops.npz")
+arguments = rand_augment_policy(OmegaConf.load("conf/aug/recipe.yaml"), 64).arguments()
+out = saved["crops"].copy()
+for image, i in zip(out, saved["indices"].tolist()):
+    rand_augment(image, np.uint64(image_key(np.uint64(5), 0, i)), *arguments)
+np.save(sys.argv[1] + "/expected.npy", out)
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    subprocess.run([sys.executable, "-c", reference, str(tmp_path)], cwd=REPO, env=env, check=True)
+    expected, got, crops = np.load(tmp_path / "expected.npy"), np.concatenate(augmented), np.concatenate(plain)
+    assert len(got) == 6 * BATCH
+    assert (expected != crops).any((1, 2, 3)).mean() > 0.5  # RandAugment changed most of them
+    different = (got != expected).any((1, 2, 3))
+    assert not different.any(), f"{different.sum()} of {len(got)} images differ, by up to {np.abs(got.astype(int) - expected).max()}"
+
+
+def uint8_pixels(normalised: torch.Tensor) -> np.ndarray:
+    """A normalised batch back to its (N, H, W, 3) uint8 pixels (exact: nothing was erased)."""
+    return ((normalised * STD + MEAN) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def pixel_statistics(images: torch.Tensor) -> torch.Tensor:
     """Per image: mean (RandAugment's colour ops move it) and mean absolute horizontal gradient
     (random erasing's noise boxes and the geometric ops move it)."""

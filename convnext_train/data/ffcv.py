@@ -272,7 +272,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
                 return np.int64(0), np.int64(0), height, width, False
         else:
             raise ValueError(f"unknown crop mode {self.mode!r}")
-        return Compiler.compile(crop)
+        return numba.njit(nogil=True)(crop)  # a closure: not cached on disk
 
     def augment_function(self):
         if self.rand_augment is None:
@@ -285,7 +285,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
 
             def augment(image, key):
                 rand_augment(image, key, *arguments)
-        return Compiler.compile(augment)
+        return numba.njit(nogil=True)(augment)
 
     def generate_code(self):
         jpeg = IMAGE_MODES["jpg"]
@@ -325,6 +325,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
+        decode.exact_math = True  # see compile_with_exact_math
         return decode
 
 
@@ -428,8 +429,21 @@ def compile_reader_keeping_numba_types(self):
     return Compiler.compile(read)
 
 
+def compile_with_exact_math(cls, code, signature=None):
+    """FFCV's `Compiler.compile`, without fast-math for code marked `exact_math` (our decoder). FFCV
+    compiles every pipeline stage with fastmath=True, and numba compiles what a stage calls under the
+    stage's flags: RandAugment's float arithmetic then got fused multiply-adds and came out a grey
+    level away from PIL's on some pixels (and `op_argument` gave 0.1666 as 0.16660000000000003)."""
+    if not getattr(code, "exact_math", False):
+        return _ffcv_compile(cls, code, signature)
+    parallel = getattr(code, "is_parallel", False) and cls.num_threads > 1
+    return numba.njit(signature, nogil=True, error_model="numpy", parallel=parallel)(code)
+
+
 if FFCV_IMPORT_ERROR is None:
     OSCacheManager.compile_reader = compile_reader_keeping_numba_types
+    _ffcv_compile = Compiler.compile.__func__
+    Compiler.compile = classmethod(compile_with_exact_math)
 
 
 class CheckedEpochIterator(EpochIterator):
