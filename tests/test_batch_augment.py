@@ -36,8 +36,6 @@ def photos() -> list[Image.Image]:
     return sample_photos()
 
 
-crops = photo_crops
-
 
 def to_batch(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
@@ -59,7 +57,7 @@ def global_rngs_kept():
 # Normalisation, erasing, reproducibility
 # --------------------------------------------------------------------------------------------------
 def test_aug_none_is_exactly_the_pil_paths_normalisation(photos):
-    images = crops(photos, 8, 64)
+    images = photo_crops(photos, 8, 64)
     batch = to_batch(images)
     out = BatchAugment(aug_config("none"))(batch, seed=0)
     assert out.dtype == torch.float32 and out.shape == batch.shape
@@ -69,7 +67,7 @@ def test_aug_none_is_exactly_the_pil_paths_normalisation(photos):
 
 
 def test_random_erasing_hits_a_quarter_of_the_images_with_unit_normal_boxes_like_timms(photos):
-    batch = to_batch(crops(photos, 800, 32))
+    batch = to_batch(photo_crops(photos, 800, 32))
     clean = normalize(batch)
     out = BatchAugment(aug_config("recipe"))(batch, seed=0)
     erased = (out != clean).any(1)  # (N, H, W)
@@ -97,7 +95,7 @@ def test_random_erasing_hits_a_quarter_of_the_images_with_unit_normal_boxes_like
 
 
 def test_same_seed_same_batch_and_the_callers_rngs_untouched(photos):
-    batch = to_batch(crops(photos, 16, 64))
+    batch = to_batch(photo_crops(photos, 16, 64))
     before = batch.clone()
     aug = BatchAugment(aug_config("recipe"))
     random.seed(1)
@@ -118,7 +116,7 @@ def test_same_seed_same_batch_and_the_callers_rngs_untouched(photos):
 def test_channels_last_batches_normalise_like_contiguous_ones(photos):
     """FFCV hands over channels-last views, normalised through a table on the CPU; NCHW batches go
     through torch's operations. Same values, and the output keeps the input's layout."""
-    batch = to_batch(crops(photos, 6, 40))
+    batch = to_batch(photo_crops(photos, 6, 40))
     channels_last = batch.contiguous(memory_format=torch.channels_last)
     out = normalize(channels_last)
     assert out.is_contiguous(memory_format=torch.channels_last)

@@ -55,8 +55,6 @@ def photos() -> list[Image.Image]:
     return sample_photos()
 
 
-crops = photo_crops
-
 
 def augmented(policy: RandAugmentPolicy, image: Image.Image, key: int) -> np.ndarray:
     out = np.array(image)
@@ -86,7 +84,7 @@ def argument(name: str, magnitude: float, sign: float, hparams: dict) -> float:
 @pytest.fixture(scope="module")
 def op_photos(photos) -> list[Image.Image]:
     """A 224 x 224 view and an odd-sized one (edges, non-square)."""
-    return [crops(photos, 1, 224, seed=1)[0], photos[1].crop((300, 120, 431, 217))]
+    return [photo_crops(photos, 1, 224, seed=1)[0], photos[1].crop((300, 120, 431, 217))]
 
 
 @pytest.mark.parametrize("name", sorted(OP_CODES))
@@ -175,7 +173,7 @@ def test_fraction_of_images_left_unchanged_is_two_layers_at_p_one_half(photos):
     leaves them unchanged (checked with timm's op): an image comes through a layer unchanged when
     the op is skipped (1/2) or is AutoContrast (1/2 * 1/15), or through both layers when Invert is
     applied twice."""
-    images = [full_range(im) for im in crops(photos, 1024, 24)]
+    images = [full_range(im) for im in photo_crops(photos, 1024, 24)]
     assert all(np.array_equal(np.asarray(NAME_TO_OP["AutoContrast"](im)), np.asarray(im)) for im in images)
     policy = recipe_policy(24)
     unchanged = np.mean([np.array_equal(augmented(policy, im, image_key(np.uint64(0), 0, i)), np.asarray(im)) for i, im in enumerate(images)])
@@ -187,7 +185,7 @@ def test_each_key_gets_its_own_ops_and_the_same_key_the_same_pixels(photos):
     """64 keys on one image: apart from the ~28% RandAugment leaves as they are, each comes out
     differently; a key gives the same pixels every time."""
     policy = recipe_policy(64)
-    image = crops(photos, 1, 64)[0]
+    image = photo_crops(photos, 1, 64)[0]
     outs = [augmented(policy, image, image_key(np.uint64(3), 0, i)) for i in range(64)]
     assert len({out.tobytes() for out in outs}) >= 36
     assert all(np.array_equal(augmented(policy, image, image_key(np.uint64(3), 0, i)), outs[i]) for i in range(8))
@@ -199,7 +197,7 @@ def test_augmented_distribution_matches_timms_pil_rand_augment(photos):
     and the mean change agree within about 3 standard deviations of their difference over seeds.
     p = 1 or p = 1/4 instead of 1/2 moves the last two by 10 and 6 of those."""
     size = 64
-    images = crops(photos, 400, size, seed=5)
+    images = photo_crops(photos, 400, size, seed=5)
     before = np.stack([np.asarray(im) for im in images]).astype(np.float64)
     policy = recipe_policy(size)
     ours = np.stack([augmented(policy, im, image_key(np.uint64(0), 0, i)) for i, im in enumerate(images)]).astype(np.float64)
@@ -249,7 +247,7 @@ def test_other_rand_augment_strings_follow_timms_policy(config, photos):
     assert abs(draws[:, 1].mean() - timm_policy.ops[0].prob) < 0.03
     if config.endswith("mstd101-inc1"):  # uniform(0, 5)
         assert stats.kstest(draws[:, 2], stats.uniform(0, 5).cdf).pvalue > 1e-3
-    for i, image in enumerate(crops(photos, 16, 48)):
+    for i, image in enumerate(photo_crops(photos, 16, 48)):
         assert augmented(policy, image, image_key(np.uint64(1), 0, i)).shape == (48, 48, 3)
 
 
