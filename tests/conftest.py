@@ -45,6 +45,7 @@ def _deterministic():
 # Real data on disk and real processes
 # --------------------------------------------------------------------------------------------------
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -82,6 +83,19 @@ def run_script(script: str, *overrides: str, timeout: float = 600, env: dict | N
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory) -> Path:
+    """A directory for one module's shared fixtures (runs, photos, .beton files), removed when that
+    module's tests are done unless one of them failed. Function-scoped `tmp_path` directories go as
+    each test passes (pyproject's tmp_path_retention_policy); without this, the module-scoped runs
+    of every module would pile up on disk (several GB) until the session ends."""
+    path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    failures_before = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failures_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -447,8 +447,8 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def digits_root(tmp_path_factory) -> Path:
-    return write_digits_imagefolder(tmp_path_factory.mktemp("demo") / "digits")
+def digits_root(module_tmp_path) -> Path:
+    return write_digits_imagefolder(module_tmp_path / "digits")
 
 
 def files_per_class(split_dir: Path) -> dict[int, int]:

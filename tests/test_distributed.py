@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 # Deterministic data and no per-rank randomness, so any two world sizes must train alike:
 # 64 images, 4 steps of 16 per epoch, 12 steps in all.
+REWIND_STEP = 6  # mid-epoch 2: where the resume tests pick a run up
 EXACT = ["aug=none", "model.drop_path_rate=0", "trainer.epochs=3", "trainer.keep_last=100", "trainer.checkpoint_every_minutes=0.0001"]
 
 
@@ -32,36 +33,45 @@ def train(data: Path, run_dir: Path, processes: int, *extra: str, timeout: float
     return result
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    # 15 validation images: 2 processes score 8 and 7, and every image must count once.
-    return make_imagefolder(tmp_path_factory.mktemp("data"), val_per_class=5, classes=3, train_per_class=22)
-
-
-@pytest.fixture(scope="module")
-def one_process(data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    train(data, run_dir, 1, "data.num_classes=3")
+def keep_read_checkpoints(run_dir: Path) -> Path:
+    """Delete the step checkpoints no test reads (all but steps 1, 6 and 12): three runs of this
+    module stay on disk while its tests run, 54 MB a checkpoint."""
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):
+        if int(path.stem.split("_")[1]) not in (1, REWIND_STEP, 12):
+            path.unlink()
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def two_processes(data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("two") / "run"
+def data(module_tmp_path):
+    # 15 validation images: 2 processes score 8 and 7, and every image must count once.
+    return make_imagefolder(module_tmp_path / "data", val_per_class=5, classes=3, train_per_class=22)
+
+
+@pytest.fixture(scope="module")
+def one_process(data, module_tmp_path):
+    run_dir = module_tmp_path / "one"
+    train(data, run_dir, 1, "data.num_classes=3")
+    return keep_read_checkpoints(run_dir)
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, module_tmp_path):
+    run_dir = module_tmp_path / "two"
     result = train(data, run_dir, 2, "data.num_classes=3")
     assert "(2 process(es))" in result.stdout
-    return run_dir
+    return keep_read_checkpoints(run_dir)
 
 
 @pytest.fixture(scope="module")
-def fsdp(data, tmp_path_factory):
+def fsdp(data, module_tmp_path):
     """FSDP2 on 2 processes with micro-batches of 1: 8 micro-batches of accumulation per step (the
     gradient reduce-scatter on the last only), and 8 and 7 validation batches on the two ranks, so
     the rank with fewer runs one forward without images (FSDP forwards are collective)."""
-    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    run_dir = module_tmp_path / "fsdp"
     result = train(data, run_dir, 2, "data.num_classes=3", "trainer.strategy=fsdp", "trainer.micro_batch_size=1")
     assert "(2 process(es))" in result.stdout
-    return run_dir
+    return keep_read_checkpoints(run_dir)
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(one_process, two_processes):
@@ -98,21 +108,21 @@ def test_sharded_evaluation_counts_every_image_once(one_process, two_processes):
 
 
 def rewind(source: Path, target: Path, step: int) -> Path:
-    """A copy of a finished run as a preempted job would have left it after `step`."""
-    shutil.copytree(source, target)
+    """A copy of a finished run as a preempted job would have left it after `step`. Its checkpoints
+    are hard links to the source's (no disk space): the trainer replaces files, never rewrites one."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints"))
     checkpoints = target / "checkpoints"
-    for path in checkpoints.glob("step_*.pt"):
-        if int(path.stem.split("_")[1]) > step:
-            path.unlink()
-    for name in ("last.pt", "best.pt", "best_ema.pt"):
-        (checkpoints / name).unlink(missing_ok=True)
+    checkpoints.mkdir()
+    for path in (source / "checkpoints").glob("step_*.pt"):
+        if int(path.stem.split("_")[1]) <= step:
+            os.link(path, checkpoints / path.name)
     os.link(checkpoints / f"step_{step:09d}.pt", checkpoints / "last.pt")
     return target
 
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_run_saved_by_two_processes_resumes_on_one_or_two(two_processes, data, tmp_path, processes):
-    run_dir = rewind(two_processes, tmp_path / "run", step=6)  # mid-epoch 2
+    run_dir = rewind(two_processes, tmp_path / "run", step=REWIND_STEP)
     result = train(data, run_dir, processes, "data.num_classes=3")
     assert "resumed from" in result.stdout and "epoch 1, step 6" in result.stdout
     final, reference = load(run_dir / "checkpoints" / "last.pt"), load(two_processes / "checkpoints" / "last.pt")
@@ -127,7 +137,7 @@ def test_a_run_saved_by_two_processes_resumes_on_one_or_two(two_processes, data,
 )
 def test_a_run_resumes_across_strategies_and_world_sizes(saved_by, resumed_with, request, data, tmp_path):
     source = request.getfixturevalue({"fsdp": "fsdp", "ddp": "two_processes"}[saved_by])
-    run_dir = rewind(source, tmp_path / "run", step=6)
+    run_dir = rewind(source, tmp_path / "run", step=REWIND_STEP)
     processes = 2 if resumed_with else 1
     result = train(data, run_dir, processes, "data.num_classes=3", *resumed_with)
     assert "resumed from" in result.stdout and "epoch 1, step 6" in result.stdout

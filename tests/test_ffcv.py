@@ -107,18 +107,18 @@ def torch_threads(n: int):
 # Data: written once, before any FFCV loader starts its threads (the writer forks processes)
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
+def photos(module_tmp_path) -> Path:
     """ImageNet-like JPEG photos (about 400 x 350): 4 classes, 40 train and 100 validation images each."""
-    root = photo_imagefolder.write_photo_imagefolder(tmp_path_factory.mktemp("photos"), classes=4, train_per_class=40, val_per_class=100, seed=1)
+    root = photo_imagefolder.write_photo_imagefolder(module_tmp_path / "photos", classes=4, train_per_class=40, val_per_class=100, seed=1)
     write(root, root / "ffcv")
     return root
 
 
 @pytest.fixture(scope="module")
-def coordinates(tmp_path_factory) -> Path:
+def coordinates(module_tmp_path) -> Path:
     """32 copies of a 400 x 350 JPEG whose red channel is the x coordinate and green the y coordinate,
     so an output crop says where it came from, how large it was and whether it was flipped."""
-    root = tmp_path_factory.mktemp("coordinates")
+    root = module_tmp_path / "coordinates"
     x = np.linspace(0, 255, COORD_W)[None, :].repeat(COORD_H, 0)
     y = np.linspace(0, 255, COORD_H)[:, None].repeat(COORD_W, 1)
     image = Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8))

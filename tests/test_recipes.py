@@ -342,8 +342,8 @@ TINY_DATA = [
 
 
 @pytest.fixture(scope="module")
-def two_classes(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("two_classes"), classes=2, train_per_class=8, val_per_class=2, size=32)
+def two_classes(module_tmp_path) -> Path:
+    return make_imagefolder(module_tmp_path / "two_classes", classes=2, train_per_class=8, val_per_class=2, size=32)
 
 
 def last_checkpoint(run_dir: Path) -> dict:

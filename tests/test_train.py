@@ -80,8 +80,8 @@ def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, war
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_imagefolder, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run") / "run"
+def finished_run(tiny_imagefolder, module_tmp_path):
+    run_dir = module_tmp_path / "run"
     result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, "trainer.checkpoint_every_minutes=0.0001"))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result

@@ -46,7 +46,6 @@ def write_digits_imagefolder(
     the marker is never touched. Call it from one process (e.g. rank 0, then a barrier): concurrent
     callers would share the staging directory.
     """
-    parameters = {"img_size": img_size, "val_fraction": val_fraction, "seed": seed, "upscale": "bicubic"}
     parameters = {"img_size": img_size, "val_fraction": val_fraction, "seed": seed}
     marker = root / COMPLETE_MARKER
     if marker.is_file() and json.loads(marker.read_text())["parameters"] == parameters:
