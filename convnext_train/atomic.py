@@ -4,15 +4,32 @@ The bytes go to a temporary file in the target's directory (so `os.replace` is a
 rename), are flushed to disk, and only then replace the target; on any error the temporary file is
 removed and the old target is untouched. Readers and a restarted job see the old file or the new
 one, never half of one.
+
+A full disk (or quota) becomes `DiskFullError`, a `UserError` that names the file and the space free.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from convnext_train.errors import UserError, out_of_space
+
+
+class DiskFullError(UserError):
+    """No space (or no quota) left for a file; the file there before, if any, is untouched."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.free_bytes = shutil.disk_usage(path.parent).free
+        super().__init__(
+            f"no space left on the device to write {path} ({self.free_bytes / 2**20:.0f} MB free there); "
+            "free some space or write somewhere else. Nothing was overwritten."
+        )
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -26,8 +43,10 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if out_of_space(error) is not None:
+            raise DiskFullError(path) from error
         raise
     _fsync_directory(path.parent)
 

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from convnext_train.atomic import DiskFullError
 from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from convnext_train.errors import UserError
 
 
 class RunCheckpoints:
@@ -31,11 +33,26 @@ class RunCheckpoints:
 
     def save(self, checkpoint: dict[str, Any]) -> Path:
         path = self.directory / f"step_{checkpoint['step']:09d}.pt"
-        save_checkpoint(checkpoint, path)
+        try:
+            save_checkpoint(checkpoint, path)
+        except DiskFullError as error:
+            raise UserError(self._disk_full_message(error)) from error
         self._link("last.pt", path)
         for old in self.step_files()[self.keep_last :]:
             old.unlink(missing_ok=True)
         return path
+
+    def _disk_full_message(self, error: DiskFullError) -> str:
+        complete = self.step_files()  # the failed file is gone: these are all whole
+        if complete:
+            size = complete[0].stat().st_size / 2**20
+            kept = f"The last checkpoint, {complete[0].name} ({size:.0f} MB), is intact: the same command resumes from it"
+        else:
+            kept = "No checkpoint of this run was written before"
+        return (
+            f"no space left on the device to write checkpoint {error.path} ({error.free_bytes / 2**20:.0f} MB free there). "
+            f"{kept}. Free some space (or keep fewer step checkpoints: trainer.keep_last, now {self.keep_last}), then run it again."
+        )
 
     def mark_best(self, name: str, path: Path) -> None:
         self._link(name, path)

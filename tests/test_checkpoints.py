@@ -38,6 +38,7 @@ from convnext_train.checkpoints import (
     state_dict_from_checkpoint,
     timm_to_official,
 )
+from convnext_train.errors import exit_on_user_error
 from convnext_train.models import ConvNeXt, ConvNeXtIsotropic, ConvNeXtV2
 
 DEPTHS = (1, 1, 2, 1)
@@ -364,6 +365,25 @@ def test_failed_save_leaves_the_existing_checkpoint_untouched(tmp_path):
 
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
+
+
+def test_a_full_disk_is_one_line_and_exit_code_2_wherever_it_happens(capsys):
+    """/dev/full answers every write with ENOSPC, as a full disk does. torch.save buries it under its
+    zip writer's RuntimeError; a log line's write raises it plainly. Both end as one line."""
+
+    @exit_on_user_error
+    def save_to_full_disk(write):
+        with open("/dev/full", "wb") as file:
+            write(file)
+
+    for write in (lambda file: torch.save(torch.zeros(10_000), file), lambda file: file.write(b"{}\n")):
+        with pytest.raises(SystemExit) as stopped:
+            save_to_full_disk(write)
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: no space left on the device") and error.count("\n") == 1, error
+    with pytest.raises(ZeroDivisionError):  # any other error is a bug and keeps its traceback
+        exit_on_user_error(lambda: 1 / 0)()
 
 
 def test_saved_checkpoint_has_the_usual_permissions(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from conftest import REPO, run_script
+from conftest import REPO, build_model, run_script
 
 # A tiny but complete run: ConvNeXt-atto at 32 px, 64 training images, 4 steps of 16 per epoch
 # with 2 micro-batches of accumulation, the full augmentation recipe, EMA, drop path.
@@ -129,6 +131,16 @@ def test_rerunning_a_finished_run_does_nothing(finished_run, tiny_imagefolder):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "nothing to do" in result.stdout
     assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_the_run_directory_is_named_by_what_changes_the_training_only():
+    """The default run directory is named by the overrides, so the same command resumes; overrides
+    that only say where data is or how often to log or checkpoint must not start a new run."""
+    where_and_how_often = ["data.root=/elsewhere", "data.num_workers=3", "trainer.log_every=7", "trainer.checkpoint_every_minutes=1", "trainer.keep_last=5"]
+    result = run_script("train.py", "model=convnext_atto", "trainer.epochs=3", *where_and_how_often, "--cfg", "hydra", "--resolve")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = yaml.safe_load(result.stdout)["hydra"]["run"]["dir"]
+    assert run_dir == "outputs/train/model=convnext_atto,trainer.epochs=3"
 
 
 def test_plot_turns_the_run_into_a_png(finished_run):
@@ -255,6 +267,33 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         checkpoint = load(path)
         assert checkpoint["step"] < stopped_at
         assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(tmp_path, tiny_imagefolder):
+    """The run directory on a real filesystem with room for one checkpoint and a half (a tmpfs, in a
+    mount namespace of the run's own): the second checkpoint cannot be written."""
+    parameters = sum(p.numel() for p in build_model("convnext_atto", num_classes=4).parameters())
+    checkpoint_bytes = 16 * parameters  # fp32 weights, EMA weights and AdamW's two moments
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    args = tiny_run(tiny_imagefolder, disk / "run", "trainer.checkpoint_every_minutes=0.0001")
+    # Inside the namespace: mount, train, copy the run out (the tmpfs goes with the namespace).
+    script = f'mount -t tmpfs -o size={int(1.5 * checkpoint_bytes)} tmpfs {disk} || exit 99; "$@"; status=$?; cp -a {disk / "run"} {after}; exit $status'
+    unshare = ["unshare", "--mount", "--propagation", "private", *([] if os.geteuid() == 0 else ["--map-root-user"])]
+    result = subprocess.run(
+        [*unshare, "sh", "-c", script, "sh", sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 99, f"could not mount a tmpfs in a private mount namespace: {result.stderr}"
+    assert_user_error(result, "no space left", "step_000000002.pt", "step_000000001.pt", "is intact", "trainer.keep_last, now 2")
+    # Nothing half-written was left behind, and the last checkpoint is whole.
+    assert sorted(p.name for p in (after / "checkpoints").iterdir()) == ["last.pt", "step_000000001.pt"]
+    assert load(after / "checkpoints" / "last.pt")["step"] == 1
+    # With space again, the same command (here, on the copy) resumes from it and finishes.
+    resumed = run_script("train.py", *tiny_run(tiny_imagefolder, after, "trainer.checkpoint_every_minutes=0.0001"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert load(after / "checkpoints" / "last.pt")["step"] == 8
 
 
 def test_eval_refuses_a_checkpoint_for_another_architecture(finished_run, tiny_imagefolder):
