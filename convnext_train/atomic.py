@@ -48,16 +48,17 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if out_of_space(error) is not None:
             raise DiskFullError(path) from error
         raise
-    _fsync_directory(path.parent)
+    fsync_path(path.parent)  # the rename itself
 
 
 def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda file: file.write(text.encode("utf-8")))
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable: without this, a power cut can lose the new directory entry."""
-    descriptor = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk: without it a power cut can lose a
+    rename, or leave a complete name on incomplete contents."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

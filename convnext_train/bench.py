@@ -58,12 +58,11 @@ from torch import nn
 from convnext_train.config import validate_train_config
 from convnext_train.data.datasets import Loaders, build_datasets, build_loaders
 from convnext_train.data.loaders import EpochSampler, make_loader
-from convnext_train.models import TIMM_NAMES
 from convnext_train.data.transforms import mixup_fn
 from convnext_train.distributed import Processes
 from convnext_train.engine import LossWindow, optimizer_step
 from convnext_train.errors import UserError, exit_on_user_error
-from convnext_train.models import build_model
+from convnext_train.models import TIMM_NAMES, build_model
 from convnext_train.models.complexity import count_gmacs
 from convnext_train.trainer import Run, TrainState, autocast, bind_model, build_run, resolve_device
 
@@ -186,9 +185,6 @@ def compose_config(mode: str, overrides: list[str]) -> tuple[DictConfig, str]:
     variant = cfg.hydra.runtime.choices.model
     with open_dict(cfg):
         del cfg["hydra"]
-    missing = OmegaConf.missing_keys(cfg)
-    if missing:
-        raise UserError(f"set {', '.join(sorted(missing))} (e.g. data.root=<ImageFolder root>)")
     if mode == "step" and not any(o.startswith("trainer.global_batch_size=") for o in overrides):
         cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size
     validate_train_config(cfg)
@@ -204,7 +200,7 @@ def bench_step(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Mea
     with tempfile.TemporaryDirectory(prefix="convnext-bench-") as run_dir:
         # Each contender builds its own state inside `measure`, which counts the memory it holds.
         def new_run() -> Run:
-            return build_run(cfg, Path(run_dir), Processes())  # one process; logs and saves nothing
+            return build_run(cfg, Path(run_dir), Processes())  # one process; its files go with run_dir
 
         factories = {"ours": lambda: trainer_step(new_run(), batch)}
         if options.vs == "timm":

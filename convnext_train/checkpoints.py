@@ -80,7 +80,7 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
     """Read a `.safetensors` or torch checkpoint onto the CPU.
 
     Torch files are unpickled with `weights_only=True` plus the allow-list above, because a pickle
-    can run arbitrary code. `trusted=True` (eval.py: `eval.trust_checkpoint=true`) lifts that restriction
+    can run arbitrary code. `trusted=True` (`eval.trust_checkpoint=true`, `finetune.trust_checkpoint=true`) lifts that restriction
     for files whose source you trust.
     """
     path = Path(path)
@@ -129,7 +129,8 @@ def _read_torch_file(path: Path, trusted: bool) -> dict:
                 raise CheckpointError(
                     f"Checkpoint file {path} contains pickled Python objects{_unsafe_globals_note(path)} "
                     "that could run arbitrary code when loaded; if you trust its source, set "
-                    "eval.trust_checkpoint=true (trusted=True in Python)."
+                    "eval.trust_checkpoint=true for eval.py, finetune.trust_checkpoint=true for train.py "
+                    "(trusted=True in Python)."
                 ) from None
     # `torch.save(model)` pickles the whole module; only its weights are needed.
     if isinstance(loaded, nn.Module):

@@ -19,6 +19,7 @@ FFCV_ORDERS = ("random", "quasi_random")  # data=ffcv: EpochSampler's permutatio
 
 def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     _resolve(cfg)
+    _require_set(cfg)
     t, opt, aug = cfg.trainer, cfg.optimizer, cfg.aug
     problems: list[str] = []
 
@@ -48,7 +49,8 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     require(_positive_int(t.keep_last), "trainer.keep_last", "must be a positive integer")
     require(_number(t.checkpoint_every_minutes) and t.checkpoint_every_minutes > 0, "trainer.checkpoint_every_minutes", "must be > 0")
     require(t.clip_grad is None or (_number(t.clip_grad) and t.clip_grad > 0), "trainer.clip_grad", "must be null or > 0")
-    require(isinstance(t.seed, int), "trainer.seed", "must be an integer")
+    # NumPy's seeds are 32-bit; ranks and resumes derive theirs from it with a SeedSequence.
+    require(isinstance(t.seed, int) and not isinstance(t.seed, bool) and 0 <= t.seed < 2**32, "trainer.seed", "must be an integer in [0, 2**32)")
     require(_number(opt.lr) and opt.lr > 0, "optimizer.lr", "must be > 0")
     require(_positive_int(opt.lr_reference_batch), "optimizer.lr_reference_batch", "must be a positive integer")
     require(_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
@@ -64,6 +66,7 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
         require(_number(aug[key]) and aug[key] >= 0, f"aug.{key}", "must be >= 0 (0 turns it off)")
     require(_number(aug.crop_pct) and 0 < aug.crop_pct <= 1, "aug.crop_pct", "must be in (0, 1]")
     require(aug.mixup_mode in ("batch", "pair", "elem"), "aug.mixup_mode", "must be batch, pair or elem")
+    require(aug.remode in ("const", "rand", "pixel"), "aug.remode", "must be const, rand or pixel (random erasing's fill)")
     mixing = _number(aug.mixup) and _number(aug.cutmix) and (aug.mixup > 0 or aug.cutmix > 0)
     if mixing and _positive_int(t.micro_batch_size):
         require(t.micro_batch_size % 2 == 0, "trainer.micro_batch_size", "must be even when Mixup/CutMix is on")
@@ -73,8 +76,64 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
         require(cfg.data.order in FFCV_ORDERS, "data.order", f"must be one of {', '.join(FFCV_ORDERS)}")
         require(isinstance(cfg.data.os_cache, bool), "data.os_cache", "must be true or false")
         require(_positive_int(cfg.data.batches_ahead), "data.batches_ahead", "must be a positive integer")
+    if not problems and aug.random_resized_crop:
+        problems += _augmentation_problems(aug, cfg.data.img_size)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    _resolve(cfg)
+    _require_set(cfg)
+    e = cfg.eval
+    problems = []
+    if e.precision not in PRECISIONS:
+        problems.append(f"eval.precision={e.precision}: must be one of {', '.join(PRECISIONS)}")
+    if e.device not in DEVICES:
+        problems.append(f"eval.device={e.device}: must be one of {', '.join(DEVICES)}")
+    if not (_number(e.crop_pct) and 0 < e.crop_pct <= 1):
+        problems.append(f"eval.crop_pct={e.crop_pct}: must be in (0, 1]")
+    if not _positive_int(e.batch_size):
+        problems.append(f"eval.batch_size={e.batch_size}: must be a positive integer")
+    for key in ("use_ema", "trust_checkpoint", "channels_last"):
+        if not isinstance(e[key], bool):
+            problems.append(f"eval.{key}={e[key]}: must be true or false")
+    if not _positive_int(cfg.data.img_size):
+        problems.append(f"data.img_size={cfg.data.img_size}: must be a positive integer")
+    if not (isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0):
+        problems.append(f"data.num_workers={cfg.data.num_workers}: must be an integer >= 0")
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def _require_set(cfg: DictConfig) -> None:
+    """Keys the config leaves for the user (`???`, data.root above all), named before anything runs."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if not missing:
+        return
+    hint = ""
+    if "data.root" in missing:
+        if cfg.data.get("kind") == "ffcv":
+            hint = " (data.root: the directory of train.beton and val.beton; `python data/write_ffcv.py` writes them)"
+        else:
+            hint = " (data.root: the ImageFolder root, <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG)"
+    raise UserError(f"set {', '.join(missing)} on the command line, e.g. data.root=/datasets/imagenet{hint}")
+
+
+def _augmentation_problems(aug: DictConfig, img_size: int) -> list[str]:
+    """timm checks its augmentation strings (`rand-m9-mstd0.5-inc1`, interpolation names) only with
+    asserts as it builds them, so build the transform now: a typo then costs a line, not a trace."""
+    from convnext_train.data.transforms import train_transform
+
+    try:
+        train_transform(aug, img_size)
+    except (AssertionError, ValueError, KeyError, TypeError) as error:
+        said = str(error) or type(error).__name__
+        return [
+            f"timm cannot build the training augmentation ({said}): check aug.auto_augment={aug.auto_augment} "
+            f"(the recipe's is rand-m9-mstd0.5-inc1) and aug.train_interpolation={aug.train_interpolation}"
+        ]
+    return []
 
 
 def _resolve(cfg: DictConfig) -> None:

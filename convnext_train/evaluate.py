@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
 from convnext_train.checkpoints import load_weights
+from convnext_train.config import validate_eval_config
 from convnext_train.data.datasets import build_val_loader
 from convnext_train.engine import evaluate
 from convnext_train.models import build_model
@@ -25,6 +26,7 @@ from convnext_train.trainer import autocast, resolve_device
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    validate_eval_config(cfg)
     hydra_cfg = HydraConfig.get()
     variant = hydra_cfg.runtime.choices.get("model", "model")
     checkpoints = list(cfg.checkpoint) if isinstance(cfg.checkpoint, ListConfig) else [cfg.checkpoint]

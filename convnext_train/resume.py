@@ -64,11 +64,13 @@ class RunCheckpoints:
         os.replace(tmp, self.directory / name)
 
     def latest(self) -> dict[str, Any] | None:
-        """The newest readable checkpoint, or None for a fresh run."""
-        candidates = [self.directory / "last.pt", *self.step_files()]
+        """The newest readable checkpoint, or None for a fresh run. The step files come first: a job
+        killed between writing one and linking `last.pt` to it leaves `last.pt` a checkpoint behind."""
+        candidates = self.step_files()
+        last = self.directory / "last.pt"
+        if last.exists() and not any(os.path.samefile(last, path) for path in candidates):
+            candidates.append(last)  # its step file is gone (removed by hand): still a checkpoint
         for path in candidates:
-            if not path.exists():
-                continue
             try:
                 return read_checkpoint(path)
             except CheckpointError as error:

@@ -262,19 +262,20 @@ def evaluate_and_keep_best(run: Run, epoch: int) -> None:
 
 def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
     state = run.state
+    evaluated = bool(state.last_eval)  # best_top1 starts below any score: -1 would read as one
     summary = {
         "epochs": state.epoch,
         "steps": state.step,
         "top1": state.last_eval.get("top1"),
         "top5": state.last_eval.get("top5"),
-        "best_top1": state.best_top1,
+        "best_top1": state.best_top1 if evaluated else None,
         "wall_seconds": wall_seconds,
         "train_seconds": state.train_seconds,
         "images_per_sec": state.train_images / state.train_seconds if state.train_seconds else None,
         "skipped_images": state.skipped_images,
     }
     if run.ema is not None:
-        summary.update(top1_ema=state.last_eval.get("top1_ema"), best_top1_ema=state.best_top1_ema)
+        summary.update(top1_ema=state.last_eval.get("top1_ema"), best_top1_ema=state.best_top1_ema if evaluated else None)
     run.logger.write_summary(summary)
     return summary
 
@@ -405,9 +406,7 @@ def restore(checkpoint: dict, cfg: DictConfig, model, ema, optimizer, scaler, pr
     if len(rng_per_rank) == processes.world_size:
         restore_rng_state(rng_per_rank[processes.rank])
     else:
-        # Resumed on another number of processes: the streams cannot continue one to one. Each rank
-        # takes a fresh one derived from (seed, rank, step), so the run stays reproducible.
-        reseed_per_rank(cfg.trainer.seed * 1_000_003 + checkpoint["step"], processes)
+        reseed_per_rank(cfg.trainer.seed, processes, resumed_at_step=checkpoint["step"])
     return TrainState(**checkpoint["train_state"])
 
 
@@ -419,10 +418,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def reseed_per_rank(seed: int, processes: Processes) -> None:
-    """Rank 0 keeps `seed` (so one process reproduces a single-process run); the others differ."""
-    if processes.rank:
-        seed_everything(seed + 7919 * processes.rank)
+def reseed_per_rank(seed: int, processes: Processes, *, resumed_at_step: int | None = None) -> None:
+    """Each rank's own stream for drop path and Mixup. A fresh run: rank 0 goes on with the stream
+    `seed` started (so one process reproduces a single-process run), the others take streams derived
+    from (seed, rank). Resumed on another number of processes, the saved streams cannot continue one
+    to one: every rank, 0 included, takes a stream derived from (seed, rank, step), so the run stays
+    reproducible and no rank replays draws it made before."""
+    if resumed_at_step is None and processes.rank == 0:
+        return
+    entropy = [seed, processes.rank] + ([] if resumed_at_step is None else [resumed_at_step])
+    seed_everything(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 def seed_everything(seed: int) -> None:

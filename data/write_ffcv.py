@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convnext_train.atomic import write_text_atomically
-from convnext_train.data.ffcv import FFCV_IMPORT_ERROR, require_ffcv
+from convnext_train.atomic import fsync_path, write_text_atomically
+from convnext_train.data.ffcv import FFCV_IMPORT_ERROR, RECORD_FORMAT, read_record, record_path, require_ffcv
 from convnext_train.data.imagefolder import ImageFolderDataset, UnreadableImageError, train_and_val_datasets
 from convnext_train.errors import UserError, exit_on_user_error
 
@@ -52,7 +52,6 @@ if FFCV_IMPORT_ERROR is None:
 else:
     DatasetWriter = object  # main() stops at require_ffcv() first
 
-RECORD_FORMAT = 1  # bump when the field layout or the record changes: older files are then rewritten
 WRITE_MODES = ("proportion", "jpg", "raw")  # per image: JPEG with probability p, always, never
 # A stand-in for an unreadable file during the pass that finds them; it never reaches a finished file.
 PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
@@ -158,7 +157,7 @@ def read_splits(root: Path, splits: Sequence[str]) -> dict[str, ImageFolderDatas
 def write_split(split: str, images: ImageFolderDataset, out_dir: Path, settings: Settings, *, workers: int, skip_corrupt: bool) -> Outcome:
     out_dir.mkdir(parents=True, exist_ok=True)
     beton = out_dir / f"{split}.beton"
-    record_path = record_path_of(beton)
+    record_file = record_path(beton)
     source = source_fingerprint(images)
     record = read_record(beton)
     if record is not None and record["settings"] == asdict(settings) and record["source"]["sha256"] == source["sha256"]:
@@ -179,11 +178,11 @@ def write_split(split: str, images: ImageFolderDataset, out_dir: Path, settings:
                 raise UserError(f"no image in {images.split_dir} can be read")
             unreadable_log.unlink()
             write_beton(images, indices, temporary, settings, workers=workers, unreadable_log=unreadable_log, label=f"{split}.beton")
-        fsync_file(temporary)  # on disk before it takes the final name
+        fsync_path(temporary)  # on disk before it takes the final name
         # The old record goes first: from here until the new one is written, the file is not vouched for.
-        record_path.unlink(missing_ok=True)
+        record_file.unlink(missing_ok=True)
         os.replace(temporary, beton)
-        fsync_file(out_dir)  # the rename itself
+        fsync_path(out_dir)  # the rename itself
     finally:
         temporary.unlink(missing_ok=True)
         unreadable_log.unlink(missing_ok=True)
@@ -198,35 +197,8 @@ def write_split(split: str, images: ImageFolderDataset, out_dir: Path, settings:
         "skipped": skipped,
         "beton_bytes": beton.stat().st_size,
     }
-    write_text_atomically(record_path, json.dumps(record, indent=1) + "\n")
+    write_text_atomically(record_file, json.dumps(record, indent=1) + "\n")
     return Outcome(split, beton, len(indices), skipped, len(images.classes), rewritten=True, seconds=time.perf_counter() - started)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to disk: a power cut must not leave a complete
-    name on incomplete contents."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def record_path_of(beton: Path) -> Path:
-    return beton.with_name(beton.name + ".json")
-
-
-def read_record(beton: Path) -> dict | None:
-    """The record of a complete file written by this script (None: no file, no record, or a record
-    for some other file: a size that differs means the .beton was replaced or cut short)."""
-    try:
-        record = json.loads(record_path_of(beton).read_text())
-        size = beton.stat().st_size
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or record.get("beton_bytes") != size:
-        return None
-    return record
 
 
 def source_fingerprint(images: ImageFolderDataset) -> dict:

@@ -299,6 +299,8 @@ def test_a_missing_or_foreign_beton_is_one_clear_line(photos, tmp_path):
         ffcv_loaders(ffcv_data(foreign, num_classes=4, val_split=None), aug_config(), seed=0, batch_size=8, device=CPU)
     with pytest.raises(UserError, match=r"labels 0..3 but data.num_classes=3"):
         ffcv_loaders(ffcv_data(photos / "ffcv", num_classes=3), aug_config(), seed=0, batch_size=8, device=CPU)
+    with pytest.raises(UserError, match=r"train.beton was written from 4 class folders but data.num_classes=5"):
+        ffcv_loaders(ffcv_data(photos / "ffcv", num_classes=5), aug_config(), seed=0, batch_size=8, device=CPU)
 
 
 def test_train_py_without_ffcv_says_how_to_install_it(tmp_path):

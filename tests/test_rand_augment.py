@@ -1,4 +1,4 @@
-"""The FFCV path's compiled RandAugment (`data/rand_augment.py`) against timm's PIL RandAugment: each
+"""The FFCV path's compiled RandAugment (`convnext_train/data/rand_augment.py`) against timm's PIL RandAugment: each
 op bit for bit against timm's PIL op, the arguments against timm's LEVEL_TO_ARG, the per-image draws
 against timm's policy, the augmented distribution against timm's `rand_augment_transform`, plus the
 keying (same key, same pixels) and the config errors. Its place in the decoder (keyed by seed,
@@ -26,7 +26,6 @@ skip_module_without_ffcv()  # numba comes with the FFCV extra
 
 from convnext_train.data.compiled import image_key  # noqa: E402
 from convnext_train.data.rand_augment import (  # noqa: E402
-    NO_ARGUMENT,
     OP_CODES,
     RandAugmentPolicy,
     apply_op,
@@ -40,6 +39,7 @@ from convnext_train.errors import UserError  # noqa: E402
 # What timm's create_transform gives RandAugment: the ImageNet mean as fill, bicubic resampling.
 FILL = tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)
 PIL_KWARGS = {"fillcolor": FILL, "resample": Image.Resampling.BICUBIC}
+NO_ARGUMENT = ("AutoContrast", "Equalize", "Invert")  # the ops whose magnitude means nothing
 
 
 def aug_config(name: str = "recipe", **overrides):

@@ -16,6 +16,10 @@ import torch
 import yaml
 
 from conftest import REPO, build_model, run_script
+from convnext_train.checkpoints import save_checkpoint
+from convnext_train.distributed import Processes
+from convnext_train.resume import RunCheckpoints
+from convnext_train.trainer import reseed_per_rank
 
 # A tiny but complete run: ConvNeXt-atto at 32 px, 64 training images, 4 steps of 16 per epoch
 # with 2 micro-batches of accumulation, the full augmentation recipe, EMA, drop path.
@@ -153,6 +157,38 @@ def test_plot_turns_the_run_into_a_png(finished_run):
 # --------------------------------------------------------------------------------------------------
 # Kill at any moment, restart, same weights
 # --------------------------------------------------------------------------------------------------
+def test_resume_takes_the_newest_whole_step_file_even_when_last_pt_lags_behind(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path, keep_last=5)
+    checkpoints.save({"step": 1, "model": {"w": torch.zeros(3)}})
+    # Killed after step 2's file was renamed into place, before last.pt was linked to it.
+    save_checkpoint({"step": 2, "model": {"w": torch.ones(3)}}, tmp_path / "step_000000002.pt")
+    assert checkpoints.latest()["step"] == 2
+    # A newest file cut short falls back to the one before it, with a warning.
+    newest = tmp_path / "step_000000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_000000002.pt"):
+        assert checkpoints.latest()["step"] == 1
+
+
+def test_a_resume_on_another_number_of_processes_gives_every_rank_a_new_stream():
+    def draws_after(rank: int, resumed_at_step: int | None, seed: int = 2**32 - 1) -> tuple:
+        torch.manual_seed(123)  # the stream each rank stood in before
+        np.random.seed(123)
+        reseed_per_rank(seed, Processes(rank=rank, world_size=2), resumed_at_step=resumed_at_step)
+        return torch.rand(4), np.random.rand(4)
+
+    untouched = draws_after(0, None)  # a fresh run: rank 0 goes on with its stream, as one process
+    torch.manual_seed(123)
+    np.random.seed(123)
+    assert torch.equal(untouched[0], torch.rand(4)) and np.array_equal(untouched[1], np.random.rand(4))
+    # Resumed (with the largest seed): rank 0 too leaves the stream it had, each rank its own way,
+    # the same way every time and differently at another step.
+    rank0, rank1 = draws_after(0, 7), draws_after(1, 7)
+    assert not torch.equal(rank0[0], untouched[0]) and not np.array_equal(rank0[1], untouched[1])
+    assert not torch.equal(rank0[0], rank1[0])
+    assert torch.equal(draws_after(0, 7)[0], rank0[0]) and not torch.equal(draws_after(0, 8)[0], rank0[0])
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_bitwise_equal(finished_run, tiny_imagefolder, tmp_path):
     reference_dir, _ = finished_run
@@ -201,6 +237,18 @@ def test_missing_data_root_explains_the_layout(tmp_path):
     assert_user_error(result, str(tmp_path / "nowhere"), "<root>/train/<class>/", "prepare_imagenet.py")
 
 
+@pytest.mark.parametrize("data, layout", [("imagenet", "<root>/train/<class>/"), ("ffcv", "train.beton")])
+def test_unset_data_root_is_asked_for_with_the_layout(tmp_path, data, layout):
+    result = run_script("train.py", "model=convnext_atto", f"data={data}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_user_error(result, "set data.root", layout)
+
+
+def test_eval_settings_are_checked_before_anything_loads(tmp_path):
+    bad = ["eval.precision=bf32", "eval.device=gpu", "eval.crop_pct=0", "eval.batch_size=0"]
+    result = run_script("eval.py", "model=convnext_atto", *bad, f"hydra.run.dir={tmp_path}")
+    assert_user_error(result, *bad)
+
+
 def test_empty_data_root_explains_the_layout(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
@@ -226,6 +274,9 @@ def test_unknown_model_lists_the_variants(tmp_path, tiny_imagefolder):
         ("ema.decay=1", "ema.decay=1"),
         ("trainer.strategy=zero3", "trainer.strategy=zero3"),
         ("trainer.strategy=fsdp trainer.precision=fp16", "fp16 is not supported with trainer.strategy=fsdp"),
+        ("trainer.seed=-1", "trainer.seed=-1"),
+        ("aug.remode=zeros", "aug.remode=zeros"),
+        ("aug.auto_augment=rand-m9-x1", "aug.auto_augment=rand-m9-x1"),  # timm only asserts
     ],
 )
 def test_invalid_config_value_fails_before_any_compute(tmp_path, tiny_imagefolder, override, key):
@@ -418,7 +469,8 @@ def test_pretraining_without_a_validation_split_skips_evaluation(tiny_imagefolde
     result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, "data.val_split=null", "trainer.epochs=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not [r for r in read_jsonl(run_dir / "metrics.jsonl") if "top1" in r]
-    assert json.loads((run_dir / "summary.json").read_text())["top1"] is None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["top1"] is None and summary["best_top1"] is None and summary["best_top1_ema"] is None
     assert load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
 
 

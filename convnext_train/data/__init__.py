@@ -1,2 +1,6 @@
-"""Input pipeline: image transforms and Mixup/CutMix (`transforms`), ImageFolder datasets with clear
-errors (`imagefolder`), and the bundled handwritten-digits demo dataset (`digits`)."""
+"""Input pipeline. The trainer's seam is `datasets` (`build_loaders`: ImageFolder, FFCV or synthetic
+data, by `data.kind`). ImageFolder path: `imagefolder` (datasets with clear errors), `transforms`
+(timm's transforms and Mixup/CutMix), `loaders` (per-sample seeded order and workers). FFCV path:
+`ffcv` (the .beton reader, decoder and crop), `rand_augment` (timm's RandAugment compiled per image),
+`batch_augment` (normalisation and random erasing per batch), `compiled` (numba helpers). Also
+`synthetic` (random images, for benchmarks) and `digits` (the bundled demo dataset)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from convnext_train.data.imagefolder import ImageFolderDataset, train_and_val_datasets
+from convnext_train.data.imagefolder import ImageFolderDataset, check_class_count, train_and_val_datasets
 from convnext_train.data.loaders import EpochSampler, SeededSamples, make_loader
 from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.errors import UserError
@@ -87,7 +87,7 @@ def build_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> t
     # seeded per (epoch, sample), which is what makes a resumed run bitwise equal.
     if data_cfg.val_split is None:
         train = ImageFolderDataset(root, data_cfg.train_split, transform=None, skip_corrupt=data_cfg.skip_corrupt)
-        _check_class_count(train, data_cfg.num_classes)
+        check_class_count(train, data_cfg.num_classes)
         return SeededSamples(train, train_transform(aug_cfg, data_cfg.img_size), seed), None
     train, val = train_and_val_datasets(
         root,
@@ -107,13 +107,5 @@ def build_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> t
 def val_dataset(data_cfg: DictConfig, crop_pct: float) -> SeededSamples:
     """The validation split alone, with the official eval transform (for eval.py)."""
     images = ImageFolderDataset(data_cfg.root, data_cfg.val_split, transform=None, skip_corrupt=data_cfg.skip_corrupt)
-    _check_class_count(images, data_cfg.num_classes)
+    check_class_count(images, data_cfg.num_classes)
     return SeededSamples(images, eval_transform(data_cfg.img_size, crop_pct), seed=0)
-
-
-def _check_class_count(images: ImageFolderDataset, num_classes: int) -> None:
-    if len(images.classes) != num_classes:
-        raise UserError(
-            f"{images.split_dir} has {len(images.classes)} class folders but data.num_classes={num_classes}; "
-            "set data.num_classes to match the data"
-        )

@@ -72,6 +72,7 @@ INSTALL_HELP = (
     "FFCV is an optional extra: install its system libraries, then the extra: "
     "`sudo apt-get install pkg-config libturbojpeg0-dev libopencv-dev && pip install -e '.[ffcv]'`"
 )
+RECORD_FORMAT = 1  # of write_ffcv's records: bump when the field layout or the record changes (older files are rewritten)
 WRITE_HELP = "write it from the ImageFolder tree with `python data/write_ffcv.py <imagefolder_root> <data.root>`"
 UINT64 = (1 << 64) - 1
 
@@ -137,6 +138,12 @@ def open_beton(data_cfg: DictConfig, split: str) -> Beton:
             f"{path} has labels {labels.min()}..{labels.max()} but data.num_classes={data_cfg.num_classes}; "
             "set data.num_classes to the number of class folders the file was written from"
         )
+    record = read_record(path)  # labels alone cannot tell a 10-class file from a 1000-class model
+    if record is not None and "classes" in record and len(record["classes"]) != data_cfg.num_classes:
+        raise UserError(
+            f"{path} was written from {len(record['classes'])} class folders but data.num_classes={data_cfg.num_classes}; "
+            "set data.num_classes to match the data"
+        )
     return Beton(path, reader)
 
 
@@ -152,7 +159,7 @@ def check_class_lists(train_file: Beton, val_file: Beton | None) -> None:
     class folders beside each file; files written elsewhere have no record and are taken as they are."""
     if val_file is None:
         return
-    records = [sidecar(beton.path) for beton in (train_file, val_file)]
+    records = [read_record(beton.path) for beton in (train_file, val_file)]
     if all(records) and records[0].get("classes") != records[1].get("classes"):
         raise UserError(
             f"{train_file.path} and {val_file.path} were written from different class folders; "
@@ -160,13 +167,22 @@ def check_class_lists(train_file: Beton, val_file: Beton | None) -> None:
         )
 
 
-def sidecar(beton: Path) -> dict | None:
-    """What data/write_ffcv.py recorded about a file it wrote (None: no record, or not for this file)."""
+def record_path(beton: Path) -> Path:
+    return beton.with_name(beton.name + ".json")
+
+
+def read_record(beton: Path) -> dict | None:
+    """What data/write_ffcv.py recorded beside a complete file it wrote (source, settings, class
+    folders). None: no file, no record, or a record for some other file (a size that differs means
+    the .beton was replaced or cut short) or of an older format."""
     try:
-        record = json.loads(beton.with_name(beton.name + ".json").read_text())
+        record = json.loads(record_path(beton).read_text())
+        size = beton.stat().st_size
     except (OSError, ValueError):
         return None
-    return record if record.get("beton_bytes") == beton.stat().st_size else None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or record.get("beton_bytes") != size:
+        return None
+    return record
 
 
 # --------------------------------------------------------------------------------------------------

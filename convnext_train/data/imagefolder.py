@@ -17,7 +17,7 @@ from torchvision.datasets import ImageFolder
 
 from convnext_train.errors import UserError
 
-__all__ = ["ImageFolderDataset", "Sample", "UnreadableImageError", "load_image", "train_and_val_datasets"]
+__all__ = ["ImageFolderDataset", "Sample", "UnreadableImageError", "check_class_count", "load_image", "train_and_val_datasets"]
 
 LAYOUT_HELP = (
     "expected ImageFolder layout: <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG, with "
@@ -127,12 +127,17 @@ def train_and_val_datasets(
             f"only in {train_split}: {_excerpt(only_train)}; only in {val_split}: {_excerpt(only_val)}; "
             f"{LAYOUT_HELP}"
         )
-    if num_classes is not None and len(train.classes) != num_classes:
+    if num_classes is not None:
+        check_class_count(train, num_classes)
+    return train, val
+
+
+def check_class_count(images: ImageFolderDataset, num_classes: int) -> None:
+    if len(images.classes) != num_classes:
         raise UserError(
-            f"{train.split_dir} has {len(train.classes)} class folders but data.num_classes={num_classes}; "
+            f"{images.split_dir} has {len(images.classes)} class folders but data.num_classes={num_classes}; "
             "set data.num_classes to match the data"
         )
-    return train, val
 
 
 def _excerpt(names: list[str], shown: int = 10) -> str:

@@ -64,7 +64,6 @@ OP_CODES = {
     "Sharpness": SHARPNESS, "SharpnessIncreasing": SHARPNESS_INCREASING, "ShearX": SHEAR_X, "ShearY": SHEAR_Y,
     "TranslateX": TRANSLATE_X, "TranslateY": TRANSLATE_Y, "TranslateXRel": TRANSLATE_X_REL, "TranslateYRel": TRANSLATE_Y_REL,
 }
-NO_ARGUMENT = ("AutoContrast", "Equalize", "Invert")
 
 
 # --------------------------------------------------------------------------------------------------
