@@ -5,6 +5,8 @@ Every problem names the key and the accepted values, so a typo costs seconds, no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
@@ -21,11 +23,8 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     _resolve(cfg)
     _require_set(cfg)
     t, opt, aug = cfg.trainer, cfg.optimizer, cfg.aug
-    problems: list[str] = []
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            problems.append(f"{key}={_show(cfg, key)}: {message}")
+    problems = _Problems(cfg)
+    require = problems.require
 
     require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}")
     require(t.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}")
@@ -70,40 +69,52 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     mixing = _number(aug.mixup) and _number(aug.cutmix) and (aug.mixup > 0 or aug.cutmix > 0)
     if mixing and _positive_int(t.micro_batch_size):
         require(t.micro_batch_size % 2 == 0, "trainer.micro_batch_size", "must be even when Mixup/CutMix is on")
-    require(_positive_int(cfg.data.img_size), "data.img_size", "must be a positive integer")
-    require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers", "must be an integer >= 0")
+    _require_data_sizes(require, cfg)
     if cfg.data.get("kind") == "ffcv":
         require(cfg.data.order in FFCV_ORDERS, "data.order", f"must be one of {', '.join(FFCV_ORDERS)}")
         require(isinstance(cfg.data.os_cache, bool), "data.os_cache", "must be true or false")
         require(_positive_int(cfg.data.batches_ahead), "data.batches_ahead", "must be a positive integer")
-    if not problems and aug.random_resized_crop:
-        problems += _augmentation_problems(aug, cfg.data.img_size)
-    if problems:
-        raise UserError("invalid config: " + "; ".join(problems))
+    if not problems.found and aug.random_resized_crop:
+        problems.found += _augmentation_problems(aug, cfg.data.img_size)
+    problems.raise_if_any()
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
     _resolve(cfg)
     _require_set(cfg)
     e = cfg.eval
-    problems = []
-    if e.precision not in PRECISIONS:
-        problems.append(f"eval.precision={e.precision}: must be one of {', '.join(PRECISIONS)}")
-    if e.device not in DEVICES:
-        problems.append(f"eval.device={e.device}: must be one of {', '.join(DEVICES)}")
-    if not (_number(e.crop_pct) and 0 < e.crop_pct <= 1):
-        problems.append(f"eval.crop_pct={e.crop_pct}: must be in (0, 1]")
-    if not _positive_int(e.batch_size):
-        problems.append(f"eval.batch_size={e.batch_size}: must be a positive integer")
+    problems = _Problems(cfg)
+    require = problems.require
+    require(e.precision in PRECISIONS, "eval.precision", f"must be one of {', '.join(PRECISIONS)}")
+    require(e.device in DEVICES, "eval.device", f"must be one of {', '.join(DEVICES)}")
+    require(_number(e.crop_pct) and 0 < e.crop_pct <= 1, "eval.crop_pct", "must be in (0, 1]")
+    require(_positive_int(e.batch_size), "eval.batch_size", "must be a positive integer")
     for key in ("use_ema", "trust_checkpoint", "channels_last"):
-        if not isinstance(e[key], bool):
-            problems.append(f"eval.{key}={e[key]}: must be true or false")
-    if not _positive_int(cfg.data.img_size):
-        problems.append(f"data.img_size={cfg.data.img_size}: must be a positive integer")
-    if not (isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0):
-        problems.append(f"data.num_workers={cfg.data.num_workers}: must be an integer >= 0")
-    if problems:
-        raise UserError("invalid config: " + "; ".join(problems))
+        require(isinstance(e[key], bool), f"eval.{key}", "must be true or false")
+    _require_data_sizes(require, cfg)
+    problems.raise_if_any()
+
+
+class _Problems:
+    """What is wrong with one config, each problem naming its key and value; reported as one line."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.found: list[str] = []
+
+    def require(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            self.found.append(f"{key}={_show(self.cfg, key)}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise UserError("invalid config: " + "; ".join(self.found))
+
+
+def _require_data_sizes(require: Callable[[bool, str, str], None], cfg: DictConfig) -> None:
+    """The data keys that train.py and eval.py share."""
+    require(_positive_int(cfg.data.img_size), "data.img_size", "must be a positive integer")
+    require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers", "must be an integer >= 0")
 
 
 def _require_set(cfg: DictConfig) -> None:

@@ -116,6 +116,7 @@ def ffcv_val_loader(data_cfg: DictConfig, crop_pct: float, *, batch_size: int, d
 class Beton:
     path: Path
     reader: Reader  # header, fields and per-image metadata, read once
+    record: dict | None  # what data/write_ffcv.py recorded beside it (read_record), if anything
 
 
 def open_beton(data_cfg: DictConfig, split: str) -> Beton:
@@ -144,7 +145,7 @@ def open_beton(data_cfg: DictConfig, split: str) -> Beton:
             f"{path} was written from {len(record['classes'])} class folders but data.num_classes={data_cfg.num_classes}; "
             "set data.num_classes to match the data"
         )
-    return Beton(path, reader)
+    return Beton(path, reader, record)
 
 
 def open_reader(path: Path) -> Reader:
@@ -159,7 +160,7 @@ def check_class_lists(train_file: Beton, val_file: Beton | None) -> None:
     class folders beside each file; files written elsewhere have no record and are taken as they are."""
     if val_file is None:
         return
-    records = [read_record(beton.path) for beton in (train_file, val_file)]
+    records = [train_file.record, val_file.record]
     if all(records) and records[0].get("classes") != records[1].get("classes"):
         raise UserError(
             f"{train_file.path} and {val_file.path} were written from different class folders; "
