@@ -2,6 +2,8 @@
 # The project's two entry points for a fresh machine (Debian, Python >= 3.10, git):
 #   bash dev.sh demo      set up .venv (reused when present) and train the demo (extra args go to train.py)
 #   bash dev.sh test      set up .venv and run the whole test suite (extra args go to pytest)
+#   bash dev.sh lint      set up .venv; ruff's lint and format check over the whole tree (CI runs it)
+#   bash dev.sh fix       set up .venv; ruff fixes what it can and formats the tree
 # Fast set while working:  bash dev.sh test -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -54,8 +56,18 @@ case "$cmd" in
         setup
         exec "$venv/bin/python" -m pytest "$@"
         ;;
+    lint)
+        setup
+        "$venv/bin/ruff" check .
+        exec "$venv/bin/ruff" format --check .
+        ;;
+    fix)
+        setup
+        "$venv/bin/ruff" check --fix .
+        exec "$venv/bin/ruff" format .
+        ;;
     *)
-        echo "usage: bash dev.sh demo|test [args...]" >&2
+        echo "usage: bash dev.sh demo|test|lint|fix [args...]" >&2
         exit 2
         ;;
 esac

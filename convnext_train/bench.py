@@ -236,7 +236,9 @@ def resident_batch(cfg: DictConfig, device: torch.device) -> Batch:
     the CPU, where the step reads it."""
     train_images, _ = build_datasets(cfg.data, cfg.aug, seed=cfg.trainer.seed)
     sampler = EpochSampler(len(train_images), seed=cfg.trainer.seed, shuffle=True, drop_last=True)
-    loader = make_loader(train_images, sampler, batch_size=cfg.trainer.micro_batch_size, num_workers=0, pin_memory=False, drop_last=True)
+    loader = make_loader(
+        train_images, sampler, batch_size=cfg.trainer.micro_batch_size, num_workers=0, pin_memory=False, drop_last=True
+    )
     images, targets, replaced = next(iter(loader))
     return images.to(device, memory_format=memory_format_of(cfg)), targets.to(device), replaced
 
@@ -270,7 +272,12 @@ def bare_step(cfg: DictConfig, device: torch.device, batch: Batch) -> Contender:
     images, targets, _ = batch
     model = build_model(cfg.model).to(device=device, memory_format=memory_format_of(cfg)).train()
     forward = torch.compile(model) if cfg.trainer.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optimizer.lr,
+        weight_decay=cfg.optimizer.weight_decay,
+        fused=True if device.type == "cuda" else None,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
     accumulation = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size  # as build_run, on one device
 
@@ -328,7 +335,9 @@ def timm_model(cfg: DictConfig, variant: str) -> nn.Module:
     activation checkpointing. Everything else is timm's own (its atto..nano use 1x1 convolutions
     for the MLP, where the paper's code, and ours, use Linear layers)."""
     m = cfg.model
-    model = timm.create_model(TIMM_NAMES[variant], num_classes=m.num_classes, in_chans=m.in_chans, drop_path_rate=m.drop_path_rate)
+    model = timm.create_model(
+        TIMM_NAMES[variant], num_classes=m.num_classes, in_chans=m.in_chans, drop_path_rate=m.drop_path_rate
+    )
     model.set_grad_checkpointing(bool(m.get("grad_checkpointing", False)))
     return model
 
@@ -340,7 +349,9 @@ def memory_format_of(cfg: DictConfig) -> torch.memory_format:
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
-def measure(factories: dict[str, Callable[[], Contender]], options: BenchOptions, device: torch.device) -> list[Measurement]:
+def measure(
+    factories: dict[str, Callable[[], Contender]], options: BenchOptions, device: torch.device
+) -> list[Measurement]:
     """Build and warm up each contender in turn, then time them in alternating rounds, so a drift
     of the machine (clocks, temperature, other load) reaches all of them alike.
 
@@ -378,7 +389,7 @@ def measure(factories: dict[str, Callable[[], Contender]], options: BenchOptions
         contender.check()
     return [
         Measurement(name, c.images_per_step, seconds, peak)
-        for name, c, seconds, peak in zip(factories, contenders, round_seconds, peaks)
+        for name, c, seconds, peak in zip(factories, contenders, round_seconds, peaks, strict=True)
     ]
 
 
@@ -419,7 +430,9 @@ def math_precision(precision: str) -> str:
     return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
 
 
-def model_flops_utilisation(images_per_sec: float, gmacs_per_image: float, *, training: bool, peak_tflops: float | None) -> float | None:
+def model_flops_utilisation(
+    images_per_sec: float, gmacs_per_image: float, *, training: bool, peak_tflops: float | None
+) -> float | None:
     if peak_tflops is None:
         return None
     flops_per_image = gmacs_per_image * 1e9 * FLOPS_PER_MAC * (TRAIN_FLOPS_PER_FORWARD if training else 1)
@@ -443,13 +456,24 @@ def cpu_model_name() -> str:
 def describe_settings(mode: str, cfg: DictConfig, variant: str) -> str:
     t = cfg.trainer
     if mode == "loader":
-        return f"data={cfg.data.kind}, {cfg.data.img_size} px, batch {t.micro_batch_size}, {cfg.data.num_workers} workers"
-    batch = f"batch {t.global_batch_size} (micro {t.micro_batch_size})" if mode == "step" else f"batch {t.micro_batch_size}"
+        return (
+            f"data={cfg.data.kind}, {cfg.data.img_size} px, batch {t.micro_batch_size}, {cfg.data.num_workers} workers"
+        )
+    batch = (
+        f"batch {t.global_batch_size} (micro {t.micro_batch_size})" if mode == "step" else f"batch {t.micro_batch_size}"
+    )
     layout = "channels-last" if t.channels_last else "contiguous"
     return f"model={variant}, {cfg.data.img_size} px, {batch}, {t.precision}, {layout}, {'compiled' if t.compile else 'eager'}"
 
 
-def report(mode: str, cfg: DictConfig, variant: str, options: BenchOptions, overrides: list[str], measurements: list[Measurement]) -> None:
+def report(
+    mode: str,
+    cfg: DictConfig,
+    variant: str,
+    options: BenchOptions,
+    overrides: list[str],
+    measurements: list[Measurement],
+) -> None:
     """The table, the ratio of ours to the rival, then one JSON line per contender."""
     device = resolve_device(cfg.trainer.device)
     name = device_name(device)
@@ -468,8 +492,10 @@ def report(mode: str, cfg: DictConfig, variant: str, options: BenchOptions, over
         if gmacs is not None:
             mfu = model_flops_utilisation(m.images_per_sec, gmacs, training=mode == "step", peak_tflops=peak)
         peak_gb = m.peak_mem_bytes / 2**30 if m.peak_mem_bytes is not None else None
-        print(f"{m.name:<6} {m.images_per_sec:>10.1f} {m.step_seconds * 1e3:>10.2f} "
-              f"{'–' if mfu is None else f'{mfu:.1%}':>7} {'–' if peak_gb is None else f'{peak_gb:.2f}':>8}")
+        print(
+            f"{m.name:<6} {m.images_per_sec:>10.1f} {m.step_seconds * 1e3:>10.2f} "
+            f"{'–' if mfu is None else f'{mfu:.1%}':>7} {'–' if peak_gb is None else f'{peak_gb:.2f}':>8}"
+        )
         row: dict[str, Any] = {
             "bench": mode,
             "impl": m.name,
@@ -483,10 +509,12 @@ def report(mode: str, cfg: DictConfig, variant: str, options: BenchOptions, over
             row["mfu"] = mfu
         rows.append(row)
     ours = measurements[0]
-    for rival, row in zip(measurements[1:], rows[1:]):
+    for rival, row in zip(measurements[1:], rows[1:], strict=True):
         ratio = ours.images_per_sec / rival.images_per_sec
         row["ours_over_this"] = ratio
-        print(f"ours / {rival.name} images/s: {ratio:.3f} (ours' step time {ours.step_seconds / rival.step_seconds - 1:+.1%})")
+        print(
+            f"ours / {rival.name} images/s: {ratio:.3f} (ours' step time {ours.step_seconds / rival.step_seconds - 1:+.1%})"
+        )
 
     environment = {
         "device": name,

@@ -85,13 +85,9 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(
-            f"Checkpoint file {path} does not exist; check the path and that the download finished."
-        )
+        raise CheckpointError(f"Checkpoint file {path} does not exist; check the path and that the download finished.")
     if path.is_dir():
-        raise CheckpointError(
-            f"Checkpoint path {path} is a directory; pass the weights file inside it instead."
-        )
+        raise CheckpointError(f"Checkpoint path {path} is a directory; pass the weights file inside it instead.")
     try:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(path, device="cpu")
@@ -505,7 +501,9 @@ def load_pretrained(
     raw = state_dict_from_checkpoint(checkpoint, use_ema=use_ema)
     state_dict = to_official(raw)
     fresh = model.state_dict()
-    head_differs = any(k in state_dict and state_dict[k].shape != fresh[k].shape for k in fresh if k.startswith("head."))
+    head_differs = any(
+        k in state_dict and state_dict[k].shape != fresh[k].shape for k in fresh if k.startswith("head.")
+    )
     keep_fresh = ("head.",) if head_differs else ()
     if detect_format(raw) == "fcmae":
         keep_fresh = FCMAE_MISSING

@@ -31,8 +31,14 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     require(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)}")
     # fp16 needs a grad scaler whose overflow check spans every rank's gradient shard (FSDP1 had
     # ShardedGradScaler); torch.amp.GradScaler would let each rank skip steps on its own shard alone.
-    require(not (t.strategy == "fsdp" and t.precision == "fp16"), "trainer.precision", "fp16 is not supported with trainer.strategy=fsdp; use bf16 (or fp32)")
-    require(_number(t.dist_timeout_minutes) and t.dist_timeout_minutes > 0, "trainer.dist_timeout_minutes", "must be > 0")
+    require(
+        not (t.strategy == "fsdp" and t.precision == "fp16"),
+        "trainer.precision",
+        "fp16 is not supported with trainer.strategy=fsdp; use bf16 (or fp32)",
+    )
+    require(
+        _number(t.dist_timeout_minutes) and t.dist_timeout_minutes > 0, "trainer.dist_timeout_minutes", "must be > 0"
+    )
     require(_positive_int(t.epochs), "trainer.epochs", "must be a positive integer")
     require(_positive_int(t.micro_batch_size), "trainer.micro_batch_size", "must be a positive integer")
     require(_positive_int(t.global_batch_size), "trainer.global_batch_size", "must be a positive integer")
@@ -46,18 +52,36 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     require(_positive_int(t.log_every), "trainer.log_every", "must be a positive integer")
     require(_positive_int(t.eval_every_epochs), "trainer.eval_every_epochs", "must be a positive integer")
     require(_positive_int(t.keep_last), "trainer.keep_last", "must be a positive integer")
-    require(_number(t.checkpoint_every_minutes) and t.checkpoint_every_minutes > 0, "trainer.checkpoint_every_minutes", "must be > 0")
-    require(t.clip_grad is None or (_number(t.clip_grad) and t.clip_grad > 0), "trainer.clip_grad", "must be null or > 0")
+    require(
+        _number(t.checkpoint_every_minutes) and t.checkpoint_every_minutes > 0,
+        "trainer.checkpoint_every_minutes",
+        "must be > 0",
+    )
+    require(
+        t.clip_grad is None or (_number(t.clip_grad) and t.clip_grad > 0), "trainer.clip_grad", "must be null or > 0"
+    )
     # NumPy's seeds are 32-bit; ranks and resumes derive theirs from it with a SeedSequence.
-    require(isinstance(t.seed, int) and not isinstance(t.seed, bool) and 0 <= t.seed < 2**32, "trainer.seed", "must be an integer in [0, 2**32)")
+    require(
+        isinstance(t.seed, int) and not isinstance(t.seed, bool) and 0 <= t.seed < 2**32,
+        "trainer.seed",
+        "must be an integer in [0, 2**32)",
+    )
     require(_number(opt.lr) and opt.lr > 0, "optimizer.lr", "must be > 0")
     require(_positive_int(opt.lr_reference_batch), "optimizer.lr_reference_batch", "must be a positive integer")
     require(_number(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     require(_number(opt.layer_decay) and 0 < opt.layer_decay <= 1, "optimizer.layer_decay", "must be in (0, 1]")
-    require(_number(cfg.scheduler.warmup_epochs) and cfg.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0")
+    require(
+        _number(cfg.scheduler.warmup_epochs) and cfg.scheduler.warmup_epochs >= 0,
+        "scheduler.warmup_epochs",
+        "must be >= 0",
+    )
     require(_number(cfg.scheduler.min_lr) and cfg.scheduler.min_lr >= 0, "scheduler.min_lr", "must be >= 0")
     if _number(cfg.scheduler.warmup_epochs) and _positive_int(t.epochs):
-        require(cfg.scheduler.warmup_epochs <= t.epochs, "scheduler.warmup_epochs", f"must not exceed trainer.epochs={t.epochs}")
+        require(
+            cfg.scheduler.warmup_epochs <= t.epochs,
+            "scheduler.warmup_epochs",
+            f"must not exceed trainer.epochs={t.epochs}",
+        )
     require(_number(cfg.ema.decay) and 0 <= cfg.ema.decay < 1, "ema.decay", "must be in [0, 1)")
     for key in ("reprob", "hflip", "label_smoothing", "mixup_prob", "mixup_switch_prob"):
         require(_number(aug[key]) and 0 <= aug[key] <= 1, f"aug.{key}", "must be in [0, 1]")
@@ -65,7 +89,9 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
         require(_number(aug[key]) and aug[key] >= 0, f"aug.{key}", "must be >= 0 (0 turns it off)")
     require(_number(aug.crop_pct) and 0 < aug.crop_pct <= 1, "aug.crop_pct", "must be in (0, 1]")
     require(aug.mixup_mode in ("batch", "pair", "elem"), "aug.mixup_mode", "must be batch, pair or elem")
-    require(aug.remode in ("const", "rand", "pixel"), "aug.remode", "must be const, rand or pixel (random erasing's fill)")
+    require(
+        aug.remode in ("const", "rand", "pixel"), "aug.remode", "must be const, rand or pixel (random erasing's fill)"
+    )
     mixing = _number(aug.mixup) and _number(aug.cutmix) and (aug.mixup > 0 or aug.cutmix > 0)
     if mixing and _positive_int(t.micro_batch_size):
         require(t.micro_batch_size % 2 == 0, "trainer.micro_batch_size", "must be even when Mixup/CutMix is on")
@@ -114,7 +140,11 @@ class _Problems:
 def _require_data_sizes(require: Callable[[bool, str, str], None], cfg: DictConfig) -> None:
     """The data keys that train.py and eval.py share."""
     require(_positive_int(cfg.data.img_size), "data.img_size", "must be a positive integer")
-    require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers", "must be an integer >= 0")
+    require(
+        isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0,
+        "data.num_workers",
+        "must be an integer >= 0",
+    )
 
 
 def _require_set(cfg: DictConfig) -> None:

@@ -129,7 +129,9 @@ class NonFiniteLoss(UserError):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, memory_format, lockstep_shape: tuple | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader, *, device: torch.device, autocast, memory_format, lockstep_shape: tuple | None = None
+) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy over the loader's images.
 
     `lockstep_shape`: the model's forward is a collective (FSDP), so every process must call it as
@@ -162,7 +164,15 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, autocast, memory
             model(torch.zeros(lockstep_shape, device=device).to(memory_format=memory_format))
     # Each process scored its own shard; the sums over all of them are the whole set's.
     totals = all_reduce_sum(
-        torch.stack([correct1.double(), correct5.double(), loss_sum, torch.tensor(float(count), device=device, dtype=torch.float64), torch.tensor(float(skipped), device=device, dtype=torch.float64)])
+        torch.stack(
+            [
+                correct1.double(),
+                correct5.double(),
+                loss_sum,
+                torch.tensor(float(count), device=device, dtype=torch.float64),
+                torch.tensor(float(skipped), device=device, dtype=torch.float64),
+            ]
+        )
     ).tolist()
     correct1_all, correct5_all, loss_all, count_all, skipped_all = totals
     if count_all == 0:

@@ -55,7 +55,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         }
         if loader is not None:
             started = time.perf_counter()
-            scores = evaluate(model, loader, device=device, autocast=partial(autocast, e.precision, device.type), memory_format=memory_format)
+            scores = evaluate(
+                model,
+                loader,
+                device=device,
+                autocast=partial(autocast, e.precision, device.type),
+                memory_format=memory_format,
+            )
             result.update(
                 top1=scores["top1"],
                 top5=scores["top5"],

@@ -50,7 +50,9 @@ class Parallel:
     no_sync: Callable[[], contextlib.AbstractContextManager]  # skip the gradient reduction inside
 
 
-def parallelize(model: nn.Module, processes: Processes, device: torch.device, *, strategy: str, precision: str, compile_model: bool) -> Parallel:
+def parallelize(
+    model: nn.Module, processes: Processes, device: torch.device, *, strategy: str, precision: str, compile_model: bool
+) -> Parallel:
     """Wrap `model` (already on `device`) for training; under FSDP the model itself is sharded
     in place, so the caller keeps using `model` for the optimizer, EMA and checkpoints."""
     if strategy == "fsdp" and processes.distributed:
@@ -118,7 +120,9 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     return weights, optimizer_state
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict, optimizer_state: dict | None) -> None:
+def load_full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict, optimizer_state: dict | None
+) -> None:
     """Load what `full_state_dicts` produced (every rank passes the whole dicts), sharding it under
     FSDP. Either dict may come from any strategy and number of processes."""
     options = _options(model, saving=False)

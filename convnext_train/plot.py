@@ -58,7 +58,7 @@ def _plot_series(axes: Axes, rows: list[dict], *, x: str, series: dict[str, str]
     for key, label in series.items():
         points = [(row[x], row[key]) for row in rows if key in row and x in row]
         if points:
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             axes.plot(xs, ys, label=label, marker="." if len(points) < 50 else None)
             plotted = True
     axes.set_xlabel(x)

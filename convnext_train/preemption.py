@@ -41,6 +41,10 @@ class Preemption:
             return
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if result.returncode != 0:
-            print(f"scontrol requeue {job} failed: {result.stderr.strip()}; resubmit the job to resume", file=sys.stderr, flush=True)
+            print(
+                f"scontrol requeue {job} failed: {result.stderr.strip()}; resubmit the job to resume",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             print(f"stopping after {why}: checkpoint saved at step {step}; requeued SLURM job {job}", flush=True)

@@ -41,7 +41,9 @@ class Recipe:
 
     def command(self, model: str) -> str:
         """The train.py arguments that select this recipe for `model`."""
-        return " ".join([f"model={model}", *([f"experiment={self.experiment}"] if self.experiment else []), *self.overrides])
+        return " ".join(
+            [f"model={model}", *([f"experiment={self.experiment}"] if self.experiment else []), *self.overrides]
+        )
 
 
 def experiment_models(experiment: str) -> tuple[str, ...]:
@@ -141,7 +143,9 @@ def common_settings(configs: Sequence[DictConfig]) -> str:
     for template, (read, rows) in shared.items():
         values = {read(c) for c in rows}
         if len(values) != 1:
-            raise ValueError(f"recipes differ in '{template}' ({sorted(map(str, values))}): make it a column of the table")
+            raise ValueError(
+                f"recipes differ in '{template}' ({sorted(map(str, values))}): make it a column of the table"
+            )
         parts.append(template.format(_show(values.pop())))
     return (
         "Every row also has " + ", ".join(parts) + ". The lr is the value at the row's global batch; it "

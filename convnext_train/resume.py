@@ -46,7 +46,9 @@ class RunCheckpoints:
         complete = self.step_files()  # the failed file is gone: these are all whole
         if complete:
             size = complete[0].stat().st_size / 2**20
-            kept = f"The last checkpoint, {complete[0].name} ({size:.0f} MB), is intact: the same command resumes from it"
+            kept = (
+                f"The last checkpoint, {complete[0].name} ({size:.0f} MB), is intact: the same command resumes from it"
+            )
         else:
             kept = "No checkpoint of this run was written before"
         return (
@@ -84,7 +86,13 @@ def rng_state() -> dict[str, Any]:
     name, keys, position, has_gauss, cached_gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": keys.tolist(), "pos": position, "has_gauss": has_gauss, "cached_gaussian": cached_gauss},
+        "numpy": {
+            "name": name,
+            "keys": keys.tolist(),
+            "pos": position,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached_gauss,
+        },
         "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available():
@@ -95,7 +103,9 @@ def rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])

@@ -12,10 +12,11 @@ import contextlib
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,14 @@ from convnext_train.errors import UserError
 from convnext_train.metrics import RunLogger
 from convnext_train.models import build_model
 from convnext_train.optim import build_optimizer
-from convnext_train.parallelize import all_finite, full_state_dicts, is_sharded, load_full_state_dicts, parallelize, reshard
+from convnext_train.parallelize import (
+    all_finite,
+    full_state_dicts,
+    is_sharded,
+    load_full_state_dicts,
+    parallelize,
+    reshard,
+)
 from convnext_train.preemption import Preemption
 from convnext_train.resume import RunCheckpoints, restore_rng_state, rng_state
 from convnext_train.schedule import cosine_lr
@@ -275,7 +283,9 @@ def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
         "skipped_images": state.skipped_images,
     }
     if run.ema is not None:
-        summary.update(top1_ema=state.last_eval.get("top1_ema"), best_top1_ema=state.best_top1_ema if evaluated else None)
+        summary.update(
+            top1_ema=state.last_eval.get("top1_ema"), best_top1_ema=state.best_top1_ema if evaluated else None
+        )
     run.logger.write_summary(summary)
     return summary
 
@@ -295,7 +305,15 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
     seed_everything(t.seed)
 
     with main_process_first(processes):  # the first builds caches (the digits tree) alone
-        loaders = build_loaders(cfg.data, cfg.aug, seed=t.seed, batch_size=t.micro_batch_size, device=device, rank=rank, world_size=world_size)
+        loaders = build_loaders(
+            cfg.data,
+            cfg.aug,
+            seed=t.seed,
+            batch_size=t.micro_batch_size,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+        )
     accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
     steps_per_epoch = loaders.train_length // t.global_batch_size
     if steps_per_epoch == 0:
@@ -311,7 +329,10 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
     if cfg.finetune.checkpoint and resumed is None:
         f = cfg.finetune
         if load_pretrained(model, f.checkpoint, use_ema=f.use_ema, trusted=f.trust_checkpoint):
-            print(f"fine-tuning from {f.checkpoint}: the head is re-initialised for {cfg.data.num_classes} classes", flush=True)
+            print(
+                f"fine-tuning from {f.checkpoint}: the head is re-initialised for {cfg.data.num_classes} classes",
+                flush=True,
+            )
     model_bound = bind_model(model, cfg, processes, device, memory_format)
     lr_at = partial(
         cosine_lr,
@@ -357,12 +378,16 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes) -> Run:
     )
 
 
-def bind_model(model: torch.nn.Module, cfg: DictConfig, processes: Processes, device: torch.device, memory_format) -> dict[str, Any]:
+def bind_model(
+    model: torch.nn.Module, cfg: DictConfig, processes: Processes, device: torch.device, memory_format
+) -> dict[str, Any]:
     """The parts of a Run that belong to one model: the model on its device, what the step calls,
     the EMA, the optimizer and the grad scaler (the benchmark swaps in timm's model through this)."""
     t = cfg.trainer
     model = model.to(device=device, memory_format=memory_format)
-    parallel = parallelize(model, processes, device, strategy=t.strategy, precision=t.precision, compile_model=t.compile)
+    parallel = parallelize(
+        model, processes, device, strategy=t.strategy, precision=t.precision, compile_model=t.compile
+    )
     return {
         "model": model,
         "forward": parallel.forward,
@@ -434,5 +459,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-

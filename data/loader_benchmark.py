@@ -70,7 +70,9 @@ def bench(arguments: list[str], env: dict) -> tuple[dict, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--dir", type=Path, default=Path("/tmp/convnext-loader-bench"))
     parser.add_argument("--ffcv-workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--pil-workers", type=int, default=3, help="DataLoader worker processes")
@@ -78,14 +80,35 @@ def main() -> None:
     parser.add_argument("--max-others", type=float, default=0.15, help="cores other processes may use during a run")
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--default-malloc", action="store_true")
-    parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for both paths (default: torch's, one per core)")
+    parser.add_argument(
+        "--torch-threads", type=int, help="OMP_NUM_THREADS for both paths (default: torch's, one per core)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     photos, betons = args.dir / "photos", args.dir / "ffcv"
     if not (photos / "val").is_dir():
-        subprocess.run([sys.executable, "data/photo_imagefolder.py", str(photos), "--classes", "10", "--train-per-class", "200", "--val-per-class", "10"], cwd=REPO, check=True)
-    subprocess.run([sys.executable, "data/write_ffcv.py", str(photos), str(betons)], cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "data/photo_imagefolder.py",
+                str(photos),
+                "--classes",
+                "10",
+                "--train-per-class",
+                "200",
+                "--val-per-class",
+                "10",
+            ],
+            cwd=REPO,
+            check=True,
+        )
+    subprocess.run(
+        [sys.executable, "data/write_ffcv.py", str(photos), str(betons)],
+        cwd=REPO,
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore:This DataLoader will create"}  # 3 workers on 2 cores is the point
     if not args.default_malloc:
@@ -93,19 +116,32 @@ def main() -> None:
         env["THP_MEM_ALLOC_ENABLE"] = "1"
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    common = [f"trainer.micro_batch_size={BATCH}", "trainer.device=cpu", "data.num_classes=10", "warmup=3", "steps=10", "rounds=3", *args.overrides]
+    common = [
+        f"trainer.micro_batch_size={BATCH}",
+        "trainer.device=cpu",
+        "data.num_classes=10",
+        "warmup=3",
+        "steps=10",
+        "rounds=3",
+        *args.overrides,
+    ]
     paths = {
         "ffcv": ["data=ffcv", f"data.root={betons}", f"data.num_workers={args.ffcv_workers}", *common],
         "pil": [f"data.root={photos}", f"data.num_workers={args.pil_workers}", *common],
     }
-    settings = {name: env.get(name, "(default)") for name in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")}
+    settings = {
+        name: env.get(name, "(default)") for name in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")
+    }
     print(f"{os.cpu_count()} cores; " + "; ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
     rows: dict[str, list[dict]] = {path: [] for path in paths}
-    for repeat in range(args.repeats):
+    for _repeat in range(args.repeats):
         for path, arguments in paths.items():
-            for attempt in range(args.retries + 1):
+            for _attempt in range(args.retries + 1):
                 row, others = bench(arguments, env)
-                print(f"  {path}: {row['images_per_sec']:.0f} images/s; other processes used {others:.2f} cores", flush=True)
+                print(
+                    f"  {path}: {row['images_per_sec']:.0f} images/s; other processes used {others:.2f} cores",
+                    flush=True,
+                )
                 if others <= args.max_others:
                     rows[path].append(row)
                     break
@@ -119,7 +155,9 @@ def main() -> None:
         each = ", ".join(f"{row['images_per_sec']:.0f}" for row in runs)
         print(f"{path:5s} {rate[path]:7.1f} images/s (median of {len(rounds)} rounds; runs: {each})")
     row = rows["ffcv"][0]
-    print(f"ffcv / pil: {rate['ffcv'] / rate['pil']:.2f}x  ({row['device']}, python {row['python']}, torch {row['torch']}, timm {row['timm']})")
+    print(
+        f"ffcv / pil: {rate['ffcv'] / rate['pil']:.2f}x  ({row['device']}, python {row['python']}, torch {row['torch']}, timm {row['timm']})"
+    )
 
 
 if __name__ == "__main__":

@@ -45,11 +45,15 @@ def photo_image(photos: list[np.ndarray], label: int, classes: int, rng: np.rand
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = np.asarray(image, dtype=np.float32)
-    pixels = pixels + TINT_STRENGTH * rng.uniform(0, 1) * class_tint(label, classes) + rng.normal(0, 12)  # tint, brightness
+    pixels = (
+        pixels + TINT_STRENGTH * rng.uniform(0, 1) * class_tint(label, classes) + rng.normal(0, 12)
+    )  # tint, brightness
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def write_photo_imagefolder(root: Path, *, classes: int, train_per_class: int, val_per_class: int, seed: int = 0, quality: int = 90) -> Path:
+def write_photo_imagefolder(
+    root: Path, *, classes: int, train_per_class: int, val_per_class: int, seed: int = 0, quality: int = 90
+) -> Path:
     photos = [np.asarray(p) for p in load_sample_images().images]
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
@@ -62,15 +66,25 @@ def write_photo_imagefolder(root: Path, *, classes: int, train_per_class: int, v
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("root", type=Path)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write_photo_imagefolder(args.root, classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
-    print(f"{args.root}: {args.classes * (args.train_per_class + args.val_per_class)} JPEG photos in {args.classes} classes")
+    write_photo_imagefolder(
+        args.root,
+        classes=args.classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        seed=args.seed,
+    )
+    print(
+        f"{args.root}: {args.classes * (args.train_per_class + args.val_per_class)} JPEG photos in {args.classes} classes"
+    )
     return 0
 
 

@@ -99,16 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("root", type=Path, help="ImageFolder root: <root>/train/<class>/*, <root>/val/<class>/*")
-    parser.add_argument("out_dir", type=Path, help="where <split>.beton and <split>.beton.json go (data.root of data=ffcv)")
-    parser.add_argument("--splits", nargs="+", default=["train", "val"], help="split folders to write")
-    parser.add_argument("--max-resolution", type=int, default=defaults.max_resolution, help="longer side at most this many pixels")
-    parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality, help="quality of the images stored as JPEG")
     parser.add_argument(
-        "--compress-probability", type=float, default=defaults.compress_probability, help="share of images stored as JPEG (write mode proportion)"
+        "out_dir", type=Path, help="where <split>.beton and <split>.beton.json go (data.root of data=ffcv)"
     )
-    parser.add_argument("--write-mode", choices=WRITE_MODES, default=defaults.write_mode, help="FFCV's RGBImageField write_mode")
+    parser.add_argument("--splits", nargs="+", default=["train", "val"], help="split folders to write")
+    parser.add_argument(
+        "--max-resolution", type=int, default=defaults.max_resolution, help="longer side at most this many pixels"
+    )
+    parser.add_argument(
+        "--jpeg-quality", type=int, default=defaults.jpeg_quality, help="quality of the images stored as JPEG"
+    )
+    parser.add_argument(
+        "--compress-probability",
+        type=float,
+        default=defaults.compress_probability,
+        help="share of images stored as JPEG (write mode proportion)",
+    )
+    parser.add_argument(
+        "--write-mode", choices=WRITE_MODES, default=defaults.write_mode, help="FFCV's RGBImageField write_mode"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="writer processes")
-    parser.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out (counted) instead of stopping")
+    parser.add_argument(
+        "--skip-corrupt", action="store_true", help="leave unreadable images out (counted) instead of stopping"
+    )
     return parser
 
 
@@ -119,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(args.max_resolution, args.jpeg_quality, args.compress_probability, args.write_mode)
     check_settings(settings, args.workers)
     for split, images in read_splits(args.root, args.splits).items():
-        outcome = write_split(split, images, args.out_dir, settings, workers=args.workers, skip_corrupt=args.skip_corrupt)
+        outcome = write_split(
+            split, images, args.out_dir, settings, workers=args.workers, skip_corrupt=args.skip_corrupt
+        )
         print(outcome.summary(), flush=True)
     return 0
 
@@ -145,16 +160,20 @@ def read_splits(root: Path, splits: Sequence[str]) -> dict[str, ImageFolderDatas
         return {splits[0]: train, splits[1]: val}
     images = {split: ImageFolderDataset(root, split) for split in splits}
     first = next(iter(images.values()))
-    for split, other in images.items():
+    for other in images.values():
         if other.classes != first.classes:
-            raise UserError(f"{other.split_dir} and {first.split_dir} have different class folders; the splits must share one class list")
+            raise UserError(
+                f"{other.split_dir} and {first.split_dir} have different class folders; the splits must share one class list"
+            )
     return images
 
 
 # --------------------------------------------------------------------------------------------------
 # One split: skip when up to date, otherwise write to a temporary name and rename when complete
 # --------------------------------------------------------------------------------------------------
-def write_split(split: str, images: ImageFolderDataset, out_dir: Path, settings: Settings, *, workers: int, skip_corrupt: bool) -> Outcome:
+def write_split(
+    split: str, images: ImageFolderDataset, out_dir: Path, settings: Settings, *, workers: int, skip_corrupt: bool
+) -> Outcome:
     out_dir.mkdir(parents=True, exist_ok=True)
     beton = out_dir / f"{split}.beton"
     record_file = record_path(beton)
@@ -169,7 +188,9 @@ def write_split(split: str, images: ImageFolderDataset, out_dir: Path, settings:
     started = time.perf_counter()
     try:
         indices = list(range(len(images)))
-        unreadable = write_beton(images, indices, temporary, settings, workers=workers, unreadable_log=unreadable_log, label=f"{split}.beton")
+        unreadable = write_beton(
+            images, indices, temporary, settings, workers=workers, unreadable_log=unreadable_log, label=f"{split}.beton"
+        )
         if unreadable:
             report_unreadable(images, unreadable, out_dir / f"{split}.unreadable.txt", skip_corrupt)
             # Rare enough to pay a second pass for: the file's image count is fixed when writing starts.
@@ -177,7 +198,15 @@ def write_split(split: str, images: ImageFolderDataset, out_dir: Path, settings:
             if not indices:
                 raise UserError(f"no image in {images.split_dir} can be read")
             unreadable_log.unlink()
-            write_beton(images, indices, temporary, settings, workers=workers, unreadable_log=unreadable_log, label=f"{split}.beton")
+            write_beton(
+                images,
+                indices,
+                temporary,
+                settings,
+                workers=workers,
+                unreadable_log=unreadable_log,
+                label=f"{split}.beton",
+            )
         fsync_path(temporary)  # on disk before it takes the final name
         # The old record goes first: from here until the new one is written, the file is not vouched for.
         record_file.unlink(missing_ok=True)
@@ -198,7 +227,9 @@ def write_split(split: str, images: ImageFolderDataset, out_dir: Path, settings:
         "beton_bytes": beton.stat().st_size,
     }
     write_text_atomically(record_file, json.dumps(record, indent=1) + "\n")
-    return Outcome(split, beton, len(indices), skipped, len(images.classes), rewritten=True, seconds=time.perf_counter() - started)
+    return Outcome(
+        split, beton, len(indices), skipped, len(images.classes), rewritten=True, seconds=time.perf_counter() - started
+    )
 
 
 def source_fingerprint(images: ImageFolderDataset) -> dict:
@@ -207,7 +238,9 @@ def source_fingerprint(images: ImageFolderDataset) -> dict:
     digest = hashlib.sha256()
     for path, target in images.samples:
         stat = os.stat(path)
-        digest.update(f"{os.path.relpath(path, images.split_dir)}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(
+            f"{os.path.relpath(path, images.split_dir)}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+        )
     return {"split_dir": str(images.split_dir.resolve()), "images": len(images.samples), "sha256": digest.hexdigest()}
 
 
@@ -229,7 +262,9 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def report_unreadable(images: ImageFolderDataset, unreadable: dict[int, str], list_path: Path, skip_corrupt: bool) -> None:
+def report_unreadable(
+    images: ImageFolderDataset, unreadable: dict[int, str], list_path: Path, skip_corrupt: bool
+) -> None:
     """Stop with the unreadable files named, or (--skip-corrupt) say which ones are left out."""
     lines = [f"{images.samples[i][0]}\t{reason}" for i, reason in sorted(unreadable.items())]
     write_text_atomically(list_path, "\n".join(lines) + "\n")
@@ -240,7 +275,10 @@ def report_unreadable(images: ImageFolderDataset, unreadable: dict[int, str], li
             f"{len(unreadable)} unreadable image(s) in {images.split_dir}: {named}{more} (all listed in {list_path}); "
             "replace or delete them, or pass --skip-corrupt to leave them out"
         )
-    print(f"--skip-corrupt: leaving out {len(unreadable)} unreadable image(s) of {images.split_dir}: {named}{more} (listed in {list_path})", flush=True)
+    print(
+        f"--skip-corrupt: leaving out {len(unreadable)} unreadable image(s) of {images.split_dir}: {named}{more} (listed in {list_path})",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +313,16 @@ class WriterSamples:
         return pixels, target, index
 
 
-def write_beton(images: ImageFolderDataset, indices: list[int], path: Path, settings: Settings, *, workers: int, unreadable_log: Path, label: str) -> dict[int, str]:
+def write_beton(
+    images: ImageFolderDataset,
+    indices: list[int],
+    path: Path,
+    settings: Settings,
+    *,
+    workers: int,
+    unreadable_log: Path,
+    label: str,
+) -> dict[int, str]:
     """Write images[indices] to `path`; return the unreadable ones found ({index: reason})."""
     fields = {
         "image": RGBImageField(
@@ -287,8 +334,16 @@ def write_beton(images: ImageFolderDataset, indices: list[int], path: Path, sett
         "label": IntField(),
         "index": IntField(),
     }
-    writer = Writer(str(path), fields, page_size=page_size_for(settings.max_resolution), num_workers=min(workers, max(1, len(indices))), label=label)
-    writer.from_indexed_dataset(WriterSamples(images, unreadable_log), indices=np.asarray(indices, dtype=np.int64), chunksize=64)
+    writer = Writer(
+        str(path),
+        fields,
+        page_size=page_size_for(settings.max_resolution),
+        num_workers=min(workers, max(1, len(indices))),
+        label=label,
+    )
+    writer.from_indexed_dataset(
+        WriterSamples(images, unreadable_log), indices=np.asarray(indices, dtype=np.int64), chunksize=64
+    )
     if not unreadable_log.exists():
         return {}
     entries = [json.loads(line) for line in unreadable_log.read_text().splitlines() if line.strip()]
@@ -322,8 +377,19 @@ class Writer(DatasetWriter):
         tables: multiprocessing.Queue = multiprocessing.Queue()
         done = multiprocessing.Value(ctypes.c_uint64, 0)
         allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-        worker_args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, tables, *extra_worker_args)
-        workers = [multiprocessing.Process(target=work_fn, args=worker_args, daemon=True) for _ in range(self.num_workers)]
+        worker_args = (
+            work,
+            self.metadata_sm,
+            self.metadata_type,
+            self.fields,
+            allocator,
+            done,
+            tables,
+            *extra_worker_args,
+        )
+        workers = [
+            multiprocessing.Process(target=work_fn, args=worker_args, daemon=True) for _ in range(self.num_workers)
+        ]
         try:
             for worker in workers:
                 worker.start()
@@ -352,7 +418,7 @@ class Writer(DatasetWriter):
                         raise UserError(
                             f"an FFCV writer process died (exit code {dead[0]}; -9 is usually the kernel's out-of-memory "
                             f"killer) while writing {self.label}; nothing was kept: rerun, with fewer --workers if memory is short"
-                        )
+                        ) from None
                 progress.update(done.value - progress.n)
         return allocations
 

@@ -50,11 +50,13 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 import sklearn.datasets  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
-def make_imagefolder(root: Path, *, classes: int = 4, train_per_class: int = 16, val_per_class: int = 4, size: int = 40, seed: int = 0) -> Path:
+def make_imagefolder(
+    root: Path, *, classes: int = 4, train_per_class: int = 16, val_per_class: int = 4, size: int = 40, seed: int = 0
+) -> Path:
     """A tiny ImageFolder tree of real JPEG files whose classes differ by colour and stripe
     direction, so a model can learn them within a few steps."""
     rng = np.random.default_rng(seed)
@@ -65,14 +67,18 @@ def make_imagefolder(root: Path, *, classes: int = 4, train_per_class: int = 16,
             for i in range(count):
                 base = np.zeros((size, size, 3), dtype=np.float64)
                 base[..., c % 3] = 160
-                stripes = (np.arange(size) // 4 % 2 == 0)[:, None] if c % 2 else (np.arange(size) // 4 % 2 == 0)[None, :]
+                stripes = (
+                    (np.arange(size) // 4 % 2 == 0)[:, None] if c % 2 else (np.arange(size) // 4 % 2 == 0)[None, :]
+                )
                 base += 60 * stripes[..., None]
                 base += rng.normal(0, 25, base.shape)
                 Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(folder / f"{split}_{c}_{i}.jpg", quality=90)
     return root
 
 
-def run_script(script: str, *overrides: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *overrides: str, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run train.py / eval.py as a user would, in a subprocess, from the repository root."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
@@ -113,7 +119,9 @@ def skip_module_without_ffcv() -> None:
         return
     marker = Path(sys.prefix) / "ffcv-unavailable"
     if not marker.is_file():
-        raise RuntimeError(f"ffcv cannot be imported ({FFCV_IMPORT_ERROR}); `bash dev.sh test` installs it (see the README's 'Fast data path')")
+        raise RuntimeError(
+            f"ffcv cannot be imported ({FFCV_IMPORT_ERROR}); `bash dev.sh test` installs it (see the README's 'Fast data path')"
+        )
     pytest.skip(f"FFCV is not installed: {marker.read_text().strip()}", allow_module_level=True)
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import photo_crops, sample_photos
 from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import functional as TF
 
-from conftest import photo_crops, sample_photos
 from convnext_train.data.batch_augment import BatchAugment, normalize
 from convnext_train.errors import UserError
 
@@ -34,7 +34,6 @@ def aug_config(name: str, **overrides):
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
     return sample_photos()
-
 
 
 def to_batch(images: list[Image.Image]) -> torch.Tensor:
@@ -62,7 +61,9 @@ def test_aug_none_is_exactly_the_pil_paths_normalisation(photos):
     out = BatchAugment(aug_config("none"))(batch, seed=0)
     assert out.dtype == torch.float32 and out.shape == batch.shape
     assert torch.equal(out, normalize(batch))
-    reference = torch.stack([TF.normalize(TF.to_tensor(im), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) for im in images])
+    reference = torch.stack(
+        [TF.normalize(TF.to_tensor(im), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) for im in images]
+    )
     assert torch.equal(out, reference)
 
 
@@ -109,7 +110,7 @@ def test_same_seed_same_batch_and_the_callers_rngs_untouched(photos):
     assert not torch.equal(first, other)
     assert torch.equal(batch, before)  # the input is not modified
     assert random.getstate() == python_state
-    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state, strict=True))
     assert torch.equal(torch.get_rng_state(), torch_state)
 
 

@@ -15,10 +15,10 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import MODEL_NAMES, REPO, run_script
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from conftest import MODEL_NAMES, REPO, run_script
 from convnext_train.bench import (
     DENSE_PEAK_TFLOPS,
     TIMM_NAMES,
@@ -116,7 +116,9 @@ def test_eval_against_timm():
 
 
 def test_loader_on_an_imagefolder(tiny_imagefolder):
-    result = run_bench("loader", *TINY_BENCH, f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.num_workers=0")
+    result = run_bench(
+        "loader", *TINY_BENCH, f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.num_workers=0"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json_rows(result.stdout)
     assert_row(row, bench="loader", impl="ours", has_mfu=False)
@@ -136,9 +138,16 @@ def test_loader_on_ffcv_beton_files(tmp_path):
     from conftest import make_imagefolder
 
     root = make_imagefolder(tmp_path / "images", size=64)
-    writer = subprocess.run([sys.executable, "data/write_ffcv.py", str(root), str(tmp_path / "ffcv"), "--workers", "1"], cwd=REPO, capture_output=True, text=True)
+    writer = subprocess.run(
+        [sys.executable, "data/write_ffcv.py", str(root), str(tmp_path / "ffcv"), "--workers", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert writer.returncode == 0, writer.stderr[-3000:]
-    result = run_bench("loader", *TINY_BENCH, "data=ffcv", f"data.root={tmp_path / 'ffcv'}", "data.num_classes=4", "data.num_workers=1")
+    result = run_bench(
+        "loader", *TINY_BENCH, "data=ffcv", f"data.root={tmp_path / 'ffcv'}", "data.num_classes=4", "data.num_workers=1"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json_rows(result.stdout)
     assert_row(row, bench="loader", impl="ours", has_mfu=False)
@@ -169,7 +178,9 @@ def test_bad_arguments_are_user_errors(arguments, message, capsys):
 # Its parts
 # --------------------------------------------------------------------------------------------------
 def test_bench_options_are_split_from_overrides():
-    options, overrides = split_arguments(["model=convnext_t", "vs=timm", "warmup=0", "steps=3", "rounds=4", "tf32=true", "trainer.compile=true"])
+    options, overrides = split_arguments(
+        ["model=convnext_t", "vs=timm", "warmup=0", "steps=3", "rounds=4", "tf32=true", "trainer.compile=true"]
+    )
     assert options == BenchOptions(warmup=0, steps=3, rounds=4, vs="timm", tf32=True)
     assert overrides == ["model=convnext_t", "trainer.compile=true"]
     with pytest.raises(UserError):

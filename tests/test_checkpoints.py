@@ -217,9 +217,7 @@ def test_export_hf_loads_with_from_pretrained(tmp_path, images, variant):
 def test_hf_to_ours_gives_the_same_logits(images, variant):
     config_class, hf_class = HF_CLASSES[variant]
     # Our final LayerNorm uses the official eps (1e-6); transformers defaults to 1e-12.
-    config = config_class(
-        depths=list(DEPTHS), hidden_sizes=list(DIMS), num_labels=NUM_CLASSES, layer_norm_eps=1e-6
-    )
+    config = config_class(depths=list(DEPTHS), hidden_sizes=list(DIMS), num_labels=NUM_CLASSES, layer_norm_eps=1e-6)
     source = randomized(hf_class(config))
     assert detect_format(source.state_dict()) == "hf"
 

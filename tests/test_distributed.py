@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, make_imagefolder
 from test_train import load, read_jsonl, relative_difference, tiny_run
 
@@ -21,14 +20,26 @@ pytestmark = pytest.mark.slow
 # Deterministic data and no per-rank randomness, so any two world sizes must train alike:
 # 64 images, 4 steps of 16 per epoch, 12 steps in all.
 REWIND_STEP = 6  # mid-epoch 2: where the resume tests pick a run up
-EXACT = ["aug=none", "model.drop_path_rate=0", "trainer.epochs=3", "trainer.keep_last=100", "trainer.checkpoint_every_minutes=0.0001"]
+EXACT = [
+    "aug=none",
+    "model.drop_path_rate=0",
+    "trainer.epochs=3",
+    "trainer.keep_last=100",
+    "trainer.checkpoint_every_minutes=0.0001",
+]
 
 
 def train(data: Path, run_dir: Path, processes: int, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     args = tiny_run(data, run_dir, *EXACT, *extra)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -101,7 +112,7 @@ def test_fsdp_on_two_processes_trains_like_one_process(one_process, fsdp):
 def test_sharded_evaluation_counts_every_image_once(one_process, two_processes):
     evaluations = [[r for r in read_jsonl(d / "metrics.jsonl") if "top1" in r] for d in (one_process, two_processes)]
     assert len(evaluations[0]) == len(evaluations[1]) == 3
-    for single, sharded in zip(*evaluations):
+    for single, sharded in zip(*evaluations, strict=True):
         assert sharded["top1"] == pytest.approx(single["top1"]) and sharded["top5"] == pytest.approx(single["top5"])
         assert sharded["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
         assert sharded["val_images"] == single["val_images"] == 15  # 8 + 7: none twice, none dropped
@@ -132,7 +143,12 @@ def test_a_run_saved_by_two_processes_resumes_on_one_or_two(two_processes, data,
 
 @pytest.mark.parametrize(
     "saved_by, resumed_with",
-    [("fsdp", []), ("fsdp", ["trainer.strategy=fsdp"]), ("fsdp", ["trainer.strategy=ddp"]), ("ddp", ["trainer.strategy=fsdp"])],
+    [
+        ("fsdp", []),
+        ("fsdp", ["trainer.strategy=fsdp"]),
+        ("fsdp", ["trainer.strategy=ddp"]),
+        ("ddp", ["trainer.strategy=fsdp"]),
+    ],
     ids=["fsdp-2-to-1", "fsdp-2-to-fsdp-2", "fsdp-2-to-ddp-2", "ddp-2-to-fsdp-2"],
 )
 def test_a_run_resumes_across_strategies_and_world_sizes(saved_by, resumed_with, request, data, tmp_path):
@@ -171,8 +187,20 @@ def test_a_dead_rank_takes_the_job_down_and_the_last_checkpoint_stays_valid(data
     args = tiny_run(data, run_dir, *EXACT, "data.num_classes=3", "trainer.epochs=50")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train.py"),
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "step_000000003.pt").exists():

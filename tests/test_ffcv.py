@@ -32,21 +32,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_script, skip_module_without_ffcv
 from omegaconf import OmegaConf
 from PIL import Image
 from scipy.stats import ks_2samp
+from test_train import assert_user_error, load, read_jsonl, relative_difference
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch import nn
 from torchvision.datasets import ImageFolder
 
-from conftest import REPO, run_script, skip_module_without_ffcv
-from test_train import assert_user_error, load, read_jsonl, relative_difference
-
 sys.path.insert(0, str(REPO / "data"))  # data/ is a folder of scripts, not a package
 import photo_imagefolder  # noqa: E402
 import write_ffcv  # noqa: E402
-
 
 skip_module_without_ffcv()
 
@@ -109,7 +107,9 @@ def torch_threads(n: int):
 @pytest.fixture(scope="module")
 def photos(module_tmp_path) -> Path:
     """ImageNet-like JPEG photos (about 400 x 350): 4 classes, 40 train and 100 validation images each."""
-    root = photo_imagefolder.write_photo_imagefolder(module_tmp_path / "photos", classes=4, train_per_class=40, val_per_class=100, seed=1)
+    root = photo_imagefolder.write_photo_imagefolder(
+        module_tmp_path / "photos", classes=4, train_per_class=40, val_per_class=100, seed=1
+    )
     write(root, root / "ffcv")
     return root
 
@@ -165,8 +165,12 @@ def read_beton(path: Path) -> dict:
 
     reader = Reader(str(path))
     names = list(reader.handlers)
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    return {name: reader.metadata[f"f{i}"] for i, name in enumerate(names)} | {"num_samples": reader.num_samples, "fields": names, "sizes": sizes}
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist(), strict=True))
+    return {name: reader.metadata[f"f{i}"] for i, name in enumerate(names)} | {
+        "num_samples": reader.num_samples,
+        "fields": names,
+        "sizes": sizes,
+    }
 
 
 def test_writer_stores_every_image_with_imagefolders_label_and_its_pixels(small_tree, tmp_path, capsys):
@@ -183,7 +187,12 @@ def test_writer_stores_every_image_with_imagefolders_label_and_its_pixels(small_
     assert columns["index"].tolist() == list(range(12))
     record = json.loads((out / "train.beton.json").read_text())
     assert record["classes"] == reference.classes and record["images"] == 12 and record["skipped"] == []
-    assert record["settings"] == {"max_resolution": 500, "jpeg_quality": 90, "compress_probability": 0.5, "write_mode": "proportion"}
+    assert record["settings"] == {
+        "max_resolution": 500,
+        "jpeg_quality": 90,
+        "compress_probability": 0.5,
+        "write_mode": "proportion",
+    }
     # The pixels: raw-stored images byte for byte, JPEG-stored ones within JPEG's error.
     data = np.memmap(out / "train.beton", dtype=np.uint8, mode="r")
     image = columns["image"]
@@ -259,7 +268,16 @@ def test_unreadable_images_are_named_or_skipped_and_counted(small_tree, tmp_path
 def test_an_interrupted_write_leaves_no_complete_looking_file(photos, tmp_path):
     out = tmp_path / "out"
     writer = subprocess.Popen(
-        [sys.executable, str(REPO / "data" / "write_ffcv.py"), str(photos), str(out), "--splits", "val", "--workers", "1"],
+        [
+            sys.executable,
+            str(REPO / "data" / "write_ffcv.py"),
+            str(photos),
+            str(out),
+            "--splits",
+            "val",
+            "--workers",
+            "1",
+        ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -291,7 +309,9 @@ def test_a_missing_or_foreign_beton_is_one_clear_line(photos, tmp_path):
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    DatasetWriter(str(foreign / "train.beton"), {"x": IntField()}, num_workers=1).from_indexed_dataset([(i,) for i in range(4)])
+    DatasetWriter(str(foreign / "train.beton"), {"x": IntField()}, num_workers=1).from_indexed_dataset(
+        [(i,) for i in range(4)]
+    )
     with pytest.raises(UserError, match=r"has the fields \{'x': 'IntField'\}, not the layout data=ffcv reads"):
         ffcv_loaders(ffcv_data(foreign, num_classes=4, val_split=None), aug_config(), seed=0, batch_size=8, device=CPU)
     (foreign / "train.beton").write_bytes(b"not a beton at all" * 100)
@@ -312,7 +332,12 @@ def test_train_py_without_ffcv_says_how_to_install_it(tmp_path):
         f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')"
     )
     result = subprocess.run([sys.executable, "-c", without_ffcv], cwd=REPO, capture_output=True, text=True, timeout=300)
-    message = assert_user_error(result, "needs the ffcv package", "apt-get install pkg-config libturbojpeg0-dev libopencv-dev", "pip install -e '.[ffcv]'")
+    message = assert_user_error(
+        result,
+        "needs the ffcv package",
+        "apt-get install pkg-config libturbojpeg0-dev libopencv-dev",
+        "pip install -e '.[ffcv]'",
+    )
     assert len(message) < 400
 
 
@@ -326,7 +351,9 @@ BATCH = 16
 def two_ranks(photos):
     """Rank 0 and rank 1 of two processes over the 160 training and 400 validation photos."""
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=1)
-    return [ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU, rank=r, world_size=2) for r in (0, 1)]
+    return [
+        ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU, rank=r, world_size=2) for r in (0, 1)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +383,7 @@ def test_each_epoch_is_epoch_samplers_order_and_two_ranks_partition_it(one_rank,
         assert shard == sampler.order()
     global_order = EpochSampler(160, seed=3, shuffle=True, drop_last=True)
     global_order.set_position(1)
-    interleaved = [i for pair in zip(*shards) for i in pair]
+    interleaved = [i for pair in zip(*shards, strict=True) for i in pair]
     assert interleaved == global_order.order()  # rank r took positions r, r + 2, ...
     assert len(epoch_batches(one_rank, 0)) == len(one_rank.train) == 10
 
@@ -365,7 +392,7 @@ def test_start_at_continues_an_epoch_with_the_same_images_and_pixels(one_rank):
     full = epoch_batches(one_rank, 1)
     resumed = epoch_batches(one_rank, 1, start=6 * BATCH)  # a resume after 6 micro-batches
     assert indices_of(resumed) == indices_of(full)[6 * BATCH :]
-    for (a, ta, _, _), (b, tb, _, _) in zip(full[6:], resumed):
+    for (a, ta, _, _), (b, tb, _, _) in zip(full[6:], resumed, strict=True):
         assert torch.equal(a, b) and torch.equal(ta, tb)  # crops, flips, RandAugment, erasing: all keyed
     assert not torch.equal(full[0][0], epoch_batches(one_rank, 2)[0][0])  # another epoch, other pixels
 
@@ -374,7 +401,9 @@ def test_validation_shards_count_every_image_once(photos, two_ranks, one_rank):
     whole = [i for batch in one_rank.val.batches_with_indices() for i in batch[3].tolist()]
     assert whole == list(range(400))
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=1)
-    odd = [ffcv_loaders(data, aug_config(), seed=0, batch_size=BATCH, device=CPU, rank=r, world_size=3) for r in (0, 1, 2)]
+    odd = [
+        ffcv_loaders(data, aug_config(), seed=0, batch_size=BATCH, device=CPU, rank=r, world_size=3) for r in (0, 1, 2)
+    ]
     shards = [[i for batch in loaders.val.batches_with_indices() for i in batch[3].tolist()] for loaders in odd]
     assert [len(s) for s in shards] == [134, 133, 133]  # 400 over 3: uneven, no padding
     assert sorted(i for s in shards for i in s) == list(range(400))
@@ -395,7 +424,7 @@ def test_quasi_random_order_is_a_seeded_permutation_shared_out_like_the_random_o
 def test_pixels_do_not_depend_on_the_number_of_decoding_threads(photos, one_rank):
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=2)
     two_threads = ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU)
-    for (a, ta, _, ia), (b, tb, _, ib) in zip(epoch_batches(one_rank, 4), epoch_batches(two_threads, 4)):
+    for (a, ta, _, ia), (b, tb, _, ib) in zip(epoch_batches(one_rank, 4), epoch_batches(two_threads, 4), strict=True):
         assert np.array_equal(ia, ib) and torch.equal(ta, tb) and torch.equal(a, b)
 
 
@@ -410,17 +439,40 @@ def test_the_decoders_crop_sampler_draws_timms_distribution():
     draws = 20000
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     ours = np.array(
-        [random_crop(COORD_H, COORD_W, np.uint64(image_key(np.uint64(7), 0, i)), *scale, math.log(ratio[0]), math.log(ratio[1]), *ratio, 0.5) for i in range(draws)],
+        [
+            random_crop(
+                COORD_H,
+                COORD_W,
+                np.uint64(image_key(np.uint64(7), 0, i)),
+                *scale,
+                math.log(ratio[0]),
+                math.log(ratio[1]),
+                *ratio,
+                0.5,
+            )
+            for i in range(draws)
+        ],
         dtype=np.float64,
     )
     random.seed(0)
-    timms = np.array([RandomResizedCropAndInterpolation.get_params(Image.new("RGB", (COORD_W, COORD_H)), scale, ratio) for _ in range(draws)], dtype=np.float64)
+    timms = np.array(
+        [
+            RandomResizedCropAndInterpolation.get_params(Image.new("RGB", (COORD_W, COORD_H)), scale, ratio)
+            for _ in range(draws)
+        ],
+        dtype=np.float64,
+    )
 
     def features(crops):  # area fraction, log aspect ratio, normalised top and left
         top, left, h, w = crops[:, 0], crops[:, 1], crops[:, 2], crops[:, 3]
-        return [h * w / (COORD_W * COORD_H), np.log(w / h), top / np.maximum(COORD_H - h, 1), left / np.maximum(COORD_W - w, 1)]
+        return [
+            h * w / (COORD_W * COORD_H),
+            np.log(w / h),
+            top / np.maximum(COORD_H - h, 1),
+            left / np.maximum(COORD_W - w, 1),
+        ]
 
-    for name, a, b in zip(["area", "log ratio", "top", "left"], features(ours), features(timms)):
+    for name, a, b in zip(["area", "log ratio", "top", "left"], features(ours), features(timms), strict=True):
         assert ks_2samp(a, b).pvalue > 1e-3, name
     assert abs(ours[:, 4].mean() - 0.5) < 0.015  # flip: 5 standard deviations of a binomial(20000, 0.5)
 
@@ -444,8 +496,16 @@ def crop_geometry(images: torch.Tensor) -> torch.Tensor:
 def test_crop_and_flip_statistics_match_the_imagefolder_path(coordinates):
     aug = aug_config(**GEOMETRY_ONLY)
     paths = {
-        "ffcv": ffcv_loaders(ffcv_data(coordinates / "ffcv", num_classes=1, img_size=COORD_OUT, num_workers=1), aug, seed=0, batch_size=32, device=CPU),
-        "imagefolder": build_loaders(imagefolder_data(coordinates, num_classes=1, img_size=COORD_OUT), aug, seed=0, batch_size=32, device=CPU),
+        "ffcv": ffcv_loaders(
+            ffcv_data(coordinates / "ffcv", num_classes=1, img_size=COORD_OUT, num_workers=1),
+            aug,
+            seed=0,
+            batch_size=32,
+            device=CPU,
+        ),
+        "imagefolder": build_loaders(
+            imagefolder_data(coordinates, num_classes=1, img_size=COORD_OUT), aug, seed=0, batch_size=32, device=CPU
+        ),
     }
     geometry = {}
     for name, loaders in paths.items():
@@ -472,9 +532,11 @@ def test_the_decoders_rand_augment_is_the_standalone_one_bit_for_bit(photos, tmp
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=64, num_workers=2)
     recipe = aug_config(reprob=0.0, mixup=0.0, cutmix=0.0)
     with_rand_augment = ffcv_loaders(data, recipe, seed=5, batch_size=BATCH, device=CPU).train.batches_with_indices()
-    crops_only = ffcv_loaders(data, aug_config(**GEOMETRY_ONLY), seed=5, batch_size=BATCH, device=CPU).train.batches_with_indices()
+    crops_only = ffcv_loaders(
+        data, aug_config(**GEOMETRY_ONLY), seed=5, batch_size=BATCH, device=CPU
+    ).train.batches_with_indices()
     augmented, plain, indices = [], [], []
-    for (images, *_, index), (crops, *_, same_index), _ in zip(with_rand_augment, crops_only, range(6)):
+    for (images, *_, index), (crops, *_, same_index), _ in zip(with_rand_augment, crops_only, range(6), strict=False):
         assert np.array_equal(index, same_index)
         augmented.append(uint8_pixels(images))
         plain.append(uint8_pixels(crops))
@@ -498,7 +560,9 @@ np.save(sys.argv[1] + "/expected.npy", out)
     assert len(got) == 6 * BATCH
     assert (expected != crops).any((1, 2, 3)).mean() > 0.5  # RandAugment changed most of them
     different = (got != expected).any((1, 2, 3))
-    assert not different.any(), f"{different.sum()} of {len(got)} images differ, by up to {np.abs(got.astype(int) - expected).max()}"
+    assert not different.any(), (
+        f"{different.sum()} of {len(got)} images differ, by up to {np.abs(got.astype(int) - expected).max()}"
+    )
 
 
 def uint8_pixels(normalised: torch.Tensor) -> np.ndarray:
@@ -528,8 +592,15 @@ def test_batches_under_the_full_recipe_have_the_imagefolder_paths_statistics(pho
     ffcv_cfg = ffcv_data(photos / "ffcv", num_classes=4, img_size=48, num_workers=1)
     with torch_threads(1):
         ffcv = recipe_statistics(ffcv_loaders(ffcv_cfg, recipe, seed=0, batch_size=32, device=CPU), epochs=3)
-        reference = recipe_statistics(build_loaders(imagefolder_data(photos, num_classes=4, img_size=48), recipe, seed=0, batch_size=32, device=CPU), epochs=3)
-        plain = recipe_statistics(ffcv_loaders(ffcv_cfg, aug_config(**GEOMETRY_ONLY), seed=0, batch_size=32, device=CPU), epochs=3)
+        reference = recipe_statistics(
+            build_loaders(
+                imagefolder_data(photos, num_classes=4, img_size=48), recipe, seed=0, batch_size=32, device=CPU
+            ),
+            epochs=3,
+        )
+        plain = recipe_statistics(
+            ffcv_loaders(ffcv_cfg, aug_config(**GEOMETRY_ONLY), seed=0, batch_size=32, device=CPU), epochs=3
+        )
     assert len(ffcv) == len(reference) == 480
     for k, name in enumerate(["mean", "gradient"]):
         assert ks_2samp(ffcv[:, k], reference[:, k]).pvalue > 1e-3, name
@@ -551,8 +622,10 @@ def test_a_fixed_model_scores_the_same_top1_on_both_paths(photos):
     with torch_threads(1):
         # A tiny model, fitted on the spot: a linear classifier of the image's 8 x 8 grid of mean
         # colours, so what it predicts depends on where the crop is as well as on the colours.
-        train = build_val_loader(OmegaConf.merge(reference_data, {"val_split": "train"}), 0.875, batch_size=80, device=CPU)
-        images, targets = map(torch.cat, zip(*[(b[0], b[1]) for b in train]))
+        train = build_val_loader(
+            OmegaConf.merge(reference_data, {"val_split": "train"}), 0.875, batch_size=80, device=CPU
+        )
+        images, targets = map(torch.cat, zip(*[(b[0], b[1]) for b in train], strict=True))
         model = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(192, 4))
         torch.manual_seed(0)
         features = model[:2](images)
@@ -611,15 +684,31 @@ def test_two_processes_killed_mid_epoch_resume_and_train_like_one(photos, tmp_pa
     own resume tests.)"""
     exact = ["aug=none", "model.drop_path_rate=0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+    ]
 
     one_dir = tmp_path / "one"
-    result = run_script("train.py", *ffcv_run(photos, one_dir, *exact, "data.num_workers=1"), env={"OMP_NUM_THREADS": "1"})
+    result = run_script(
+        "train.py", *ffcv_run(photos, one_dir, *exact, "data.num_workers=1"), env={"OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     two_dir = tmp_path / "two"
     args = ffcv_run(photos, two_dir, *exact, "data.num_workers=2")  # two decoding threads: the same pixels
-    job = subprocess.Popen([*torchrun, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        [*torchrun, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (two_dir / "checkpoints" / "step_000000007.pt").exists():  # mid-epoch 2
         assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -637,7 +726,7 @@ def test_two_processes_killed_mid_epoch_resume_and_train_like_one(photos, tmp_pa
     assert [r["step"] for r in read_jsonl(two_dir / "metrics.jsonl") if "loss" in r] == list(range(1, 11))
     evaluations = [[r for r in read_jsonl(d / "metrics.jsonl") if "top1" in r] for d in (one_dir, two_dir)]
     assert len(evaluations[1]) == 2
-    for single, sharded in zip(*evaluations):
+    for single, sharded in zip(*evaluations, strict=True):
         assert sharded["val_images"] == single["val_images"] == 400  # 200 + 200: none twice, none dropped
         assert sharded["top1"] == pytest.approx(single["top1"])
 

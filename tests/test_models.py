@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import MODEL_NAMES, build_model, randomize_
 from timm.models.convnext import checkpoint_filter_fn
 
-from conftest import MODEL_NAMES, build_model, randomize_
 from convnext_train.models import TIMM_NAMES, ConvNeXt, ConvNeXtIsotropic, ConvNeXtV2
 from convnext_train.models.complexity import count_gmacs, count_params
 
@@ -61,7 +61,11 @@ def test_parameter_count_equals_timm(name):
 
 @pytest.mark.parametrize(
     "name, depth, dim, layer_scale, paper_millions",
-    [("convnext_iso_s", 18, 384, False, 22), ("convnext_iso_b", 18, 768, False, 87), ("convnext_iso_l", 36, 1024, True, 306)],
+    [
+        ("convnext_iso_s", 18, 384, False, 22),
+        ("convnext_iso_b", 18, 768, False, 87),
+        ("convnext_iso_l", 36, 1024, True, 306),
+    ],
 )
 def test_isotropic_parameter_counts(name, depth, dim, layer_scale, paper_millions):
     """timm has no isotropic ConvNeXt: count by hand from the paper's description, check the paper's M."""
@@ -205,7 +209,9 @@ def test_bf16_autocast_stays_close_to_fp32(cls):
     assert error < 0.03
 
 
-@pytest.mark.parametrize("cls, kwargs", [(ConvNeXt, TINY), (ConvNeXtV2, TINY), (ConvNeXtIsotropic, dict(depth=6, dim=32, num_classes=10))])
+@pytest.mark.parametrize(
+    "cls, kwargs", [(ConvNeXt, TINY), (ConvNeXtV2, TINY), (ConvNeXtIsotropic, dict(depth=6, dim=32, num_classes=10))]
+)
 def test_gradient_checkpointing_gives_the_same_gradients(cls, kwargs):
     image = torch.randn(2, 3, 64, 64)
     grads = []

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MODEL_NAMES, REPO, build_model
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import MODEL_NAMES, REPO, build_model
 from convnext_train.errors import UserError
 from convnext_train.models import ConvNeXtIsotropic
 from convnext_train.optim import build_optimizer, layer_id, num_layers, parameter_groups, set_lr
 
 WEIGHT_DECAY = 0.05
 # Depths (3, 3, 27, 3): the variants the official V1 layer grouping is written for.
-GROUPED = [
-    "convnext_s", "convnext_b", "convnext_l", "convnext_xl", "convnextv2_b", "convnextv2_l", "convnextv2_h"
-]
+GROUPED = ["convnext_s", "convnext_b", "convnext_l", "convnext_xl", "convnextv2_b", "convnextv2_l", "convnextv2_h"]
 PER_BLOCK = [n for n in MODEL_NAMES if n not in GROUPED and "iso" not in n]
 ISOTROPIC = [n for n in MODEL_NAMES if "iso" in n]
 
@@ -244,7 +242,7 @@ def test_build_optimizer_returns_an_adamw_that_trains():
     set_lr(optimizer, cfg.lr)
     model(torch.randn(2, 3, 32, 32)).logsumexp(dim=1).mean().backward()
     optimizer.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
 def test_build_optimizer_uses_the_fused_kernel_on_cuda():

@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 import torch
+from conftest import REPO, build_model, randomize_
 from timm.utils import ModelEmaV3
 
-from conftest import REPO, build_model, randomize_
 from convnext_train.ema import WeightEma
 
 
@@ -27,7 +27,7 @@ def test_weight_ema_updates_like_timms_model_ema_bitwise():
         ours.update(model)
         timms.update(model)
     with ours.swapped_into(model) as swapped:
-        for (name, a), b in zip(swapped.state_dict().items(), timms.module.state_dict().values()):
+        for (name, a), b in zip(swapped.state_dict().items(), timms.module.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
 
 
@@ -127,8 +127,22 @@ def test_gradients_sync_on_the_last_micro_batch_only_and_match_one_process(strat
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), strategy, compiled, str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            strategy,
+            compiled,
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(out.read_text())

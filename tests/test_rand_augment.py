@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 import pytest
+from conftest import REPO, photo_crops, sample_photos, skip_module_without_ffcv
 from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
@@ -20,7 +21,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, LEVEL_TO_ARG, NAME_TO_OP, rand_augment_transform
 
 import convnext_train.data.transforms  # noqa: F401  (installs the repo's zero-bit posterize repair in timm's op table)
-from conftest import REPO, photo_crops, sample_photos, skip_module_without_ffcv
 
 skip_module_without_ffcv()  # numba comes with the FFCV extra
 
@@ -55,7 +55,6 @@ def photos() -> list[Image.Image]:
     return sample_photos()
 
 
-
 def augmented(policy: RandAugmentPolicy, image: Image.Image, key: int) -> np.ndarray:
     out = np.array(image)
     rand_augment(out, np.uint64(key), *policy.arguments())
@@ -75,7 +74,9 @@ def timm_argument(name: str, arg: float) -> tuple:
 
 
 def argument(name: str, magnitude: float, sign: float, hparams: dict) -> float:
-    return op_argument(OP_CODES[name], magnitude, sign, float(hparams["translate_const"]), float(hparams.get("translate_pct", 0.45)))
+    return op_argument(
+        OP_CODES[name], magnitude, sign, float(hparams["translate_const"]), float(hparams.get("translate_pct", 0.45))
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +105,12 @@ def test_op_matches_timms_pil_op_bit_for_bit(name, op_photos):
                 expected = np.asarray(NAME_TO_OP[name](image, *timm_argument(name, arg), **PIL_KWARGS))
                 got = before.copy()
                 apply_op(got, OP_CODES[name], arg, fill)
-                assert np.array_equal(got, expected), (image.size, magnitude, sign, np.abs(got.astype(int) - expected).max())
+                assert np.array_equal(got, expected), (
+                    image.size,
+                    magnitude,
+                    sign,
+                    np.abs(got.astype(int) - expected).max(),
+                )
                 changed += not np.array_equal(expected, before)
                 cases += 1
     assert changed >= cases // 2  # the comparisons are about images the op really changes
@@ -146,7 +152,10 @@ def test_draws_follow_timms_rand_m9_mstd05_inc1_policy():
     assert policy.num_layers == 2
     n = 30_000
     layers = np.array(
-        [[draw_layer(key(0, i), layer, policy.probs, policy.magnitudes, policy.magnitude_stds) for i in range(n)] for layer in range(2)]
+        [
+            [draw_layer(key(0, i), layer, policy.probs, policy.magnitudes, policy.magnitude_stds) for i in range(n)]
+            for layer in range(2)
+        ]
     )  # (layer, image, [op, applied, magnitude, sign])
     for op, applied, magnitude, sign in layers.transpose(0, 2, 1):
         assert stats.chisquare(np.bincount(op.astype(int), minlength=15)).pvalue > 1e-3
@@ -176,7 +185,12 @@ def test_fraction_of_images_left_unchanged_is_two_layers_at_p_one_half(photos):
     images = [full_range(im) for im in photo_crops(photos, 1024, 24)]
     assert all(np.array_equal(np.asarray(NAME_TO_OP["AutoContrast"](im)), np.asarray(im)) for im in images)
     policy = recipe_policy(24)
-    unchanged = np.mean([np.array_equal(augmented(policy, im, image_key(np.uint64(0), 0, i)), np.asarray(im)) for i, im in enumerate(images)])
+    unchanged = np.mean(
+        [
+            np.array_equal(augmented(policy, im, image_key(np.uint64(0), 0, i)), np.asarray(im))
+            for i, im in enumerate(images)
+        ]
+    )
     expected = (0.5 + 0.5 / 15) ** 2 + (0.5 / 15) ** 2
     assert abs(unchanged - expected) < 0.04, unchanged
 
@@ -200,7 +214,9 @@ def test_augmented_distribution_matches_timms_pil_rand_augment(photos):
     images = photo_crops(photos, 400, size, seed=5)
     before = np.stack([np.asarray(im) for im in images]).astype(np.float64)
     policy = recipe_policy(size)
-    ours = np.stack([augmented(policy, im, image_key(np.uint64(0), 0, i)) for i, im in enumerate(images)]).astype(np.float64)
+    ours = np.stack([augmented(policy, im, image_key(np.uint64(0), 0, i)) for i, im in enumerate(images)]).astype(
+        np.float64
+    )
     timm_rand_augment = rand_augment_transform("rand-m9-mstd0.5-inc1", dict(policy.hparams))
     state = random.getstate(), np.random.get_state()
     random.seed(0)
@@ -221,7 +237,9 @@ def test_augmented_distribution_matches_timms_pil_rand_augment(photos):
             "mean change": (change.mean(), 12),
         }
 
-    for (key, (value, tolerance)), (_, (reference, _)) in zip(summary(ours).items(), summary(theirs).items()):
+    for (key, (value, tolerance)), (_, (reference, _)) in zip(
+        summary(ours).items(), summary(theirs).items(), strict=True
+    ):
         assert abs(value - reference) < tolerance, (key, value, reference)
 
 
@@ -243,7 +261,9 @@ def test_other_rand_augment_strings_follow_timms_policy(config, photos):
     assert policy.num_layers == timm_policy.num_layers
     assert np.array_equal(policy.probs, [op.prob for op in timm_policy.ops])
     assert np.array_equal(policy.magnitude_stds, [op.magnitude_std for op in timm_policy.ops])
-    draws = np.array([draw_layer(key(1, i), 0, policy.probs, policy.magnitudes, policy.magnitude_stds) for i in range(4000)])
+    draws = np.array(
+        [draw_layer(key(1, i), 0, policy.probs, policy.magnitudes, policy.magnitude_stds) for i in range(4000)]
+    )
     assert abs(draws[:, 1].mean() - timm_policy.ops[0].prob) < 0.03
     if config.endswith("mstd101-inc1"):  # uniform(0, 5)
         assert stats.kstest(draws[:, 2], stats.uniform(0, 5).cdf).pvalue > 1e-3

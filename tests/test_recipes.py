@@ -20,19 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO, make_imagefolder, run_script
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationKeyError
+from test_train import official_cosine_scheduler, read_jsonl
 from timm.data.auto_augment import RandAugment
 from torchvision import transforms
 
-from conftest import REPO, make_imagefolder, run_script
 from convnext_train.config import validate_train_config
 from convnext_train.data.transforms import train_transform
 from convnext_train.models import ConvNeXt
 from convnext_train.recipes import END, START, compose_config, markdown_table, recipes
 from convnext_train.schedule import cosine_lr
 from convnext_train.trainer import peak_lr
-from test_train import official_cosine_scheduler, read_jsonl
 
 ABSENT = object()  # a key the composed config must not have
 
@@ -167,8 +167,16 @@ CASES = [
     Case("convnext_b", None, drop_path(0.5)),
     Case("convnext_l", None, drop_path(0.5)),
     # Isotropic: `--warmup_epochs 50`; S and B also `--layer_scale_init_value 0`.
-    Case("convnext_iso_s", "in1k_isotropic", drop_path(0.1) | {"scheduler.warmup_epochs": 50, "model.layer_scale_init_value": 0.0}),
-    Case("convnext_iso_b", "in1k_isotropic", drop_path(0.2) | {"scheduler.warmup_epochs": 50, "model.layer_scale_init_value": 0.0}),
+    Case(
+        "convnext_iso_s",
+        "in1k_isotropic",
+        drop_path(0.1) | {"scheduler.warmup_epochs": 50, "model.layer_scale_init_value": 0.0},
+    ),
+    Case(
+        "convnext_iso_b",
+        "in1k_isotropic",
+        drop_path(0.2) | {"scheduler.warmup_epochs": 50, "model.layer_scale_init_value": 0.0},
+    ),
     Case("convnext_iso_l", "in1k_isotropic", drop_path(0.5) | {"scheduler.warmup_epochs": 50}),
     # ImageNet-22K: B/L/XL from TRAINING.md, T/S from the paper.
     Case("convnext_t", "in22k_pretrain", IN22K_PRETRAIN | drop_path(0.0)),
@@ -182,9 +190,21 @@ CASES = [
     Case("convnext_b", "ft_in22k_in1k", FT_IN22K_IN1K | drop_path(0.2) | {"ema.enabled": False}),
     Case("convnext_l", "ft_in22k_in1k", FT_IN22K_IN1K | drop_path(0.3) | {"ema.enabled": False}),
     Case("convnext_xl", "ft_in22k_in1k", FT_IN22K_IN1K | drop_path(0.4)),
-    Case("convnext_b", "ft_in22k_in1k", FT_IN22K_IN1K | drop_path(0.2) | {"ema.enabled": False, "data.img_size": 384}, ("data.img_size=384",)),
-    Case("convnext_l", "ft_in22k_in1k", FT_IN22K_IN1K | drop_path(0.3) | {"ema.enabled": False, "data.img_size": 384}, ("data.img_size=384",)),
-    Case("convnext_xl", "ft_in22k_in1k", FT_IN22K_IN1K | drop_path(0.4) | {"data.img_size": 384}, ("data.img_size=384",)),
+    Case(
+        "convnext_b",
+        "ft_in22k_in1k",
+        FT_IN22K_IN1K | drop_path(0.2) | {"ema.enabled": False, "data.img_size": 384},
+        ("data.img_size=384",),
+    ),
+    Case(
+        "convnext_l",
+        "ft_in22k_in1k",
+        FT_IN22K_IN1K | drop_path(0.3) | {"ema.enabled": False, "data.img_size": 384},
+        ("data.img_size=384",),
+    ),
+    Case(
+        "convnext_xl", "ft_in22k_in1k", FT_IN22K_IN1K | drop_path(0.4) | {"data.img_size": 384}, ("data.img_size=384",)
+    ),
     Case("convnextv2_atto", "v2_ft_in1k", v2_row(2e-4, 600, 0, 0.9, 0.3, 0.1, 0.0, 0.0, 0.2)),
     Case("convnextv2_t", "v2_ft_in1k", v2_row(8e-4, 300, 40, 0.9, 0.05, 0.2, 0.8, 1.0, 0.1)),
     Case("convnextv2_b", "v2_ft_in1k", v2_row(6.25e-4, 100, 20, 0.6, 0.05, 0.1, 0.8, 1.0, 0.1)),
@@ -225,7 +245,9 @@ def test_every_hyperparameter_equals_the_official_recipe(case):
         actual = values.get(key, ABSENT)
         same_type = type(actual) is type(expected) or (isinstance(expected, float) and type(actual) is int)
         if not (same_type and actual == expected):
-            wrong[key] = f"{actual!r}, the official recipe has {'no such key' if expected is ABSENT else repr(expected)}"
+            wrong[key] = (
+                f"{actual!r}, the official recipe has {'no such key' if expected is ABSENT else repr(expected)}"
+            )
     assert not wrong, wrong
 
 
@@ -233,7 +255,11 @@ def test_every_hyperparameter_equals_the_official_recipe(case):
 def test_an_experiment_changes_only_what_its_recipe_changes(case):
     base, tuned = leaves(composed(case.model)), leaves(config_of(case))
     table = case.experiment + "."  # the experiment's per-variant rows, under a key of their own
-    changed = {key for key in base.keys() | tuned.keys() if not key.startswith(table) and base.get(key, ABSENT) != tuned.get(key, ABSENT)}
+    changed = {
+        key
+        for key in base.keys() | tuned.keys()
+        if not key.startswith(table) and base.get(key, ABSENT) != tuned.get(key, ABSENT)
+    }
     assert changed <= case.changes.keys(), f"changed beyond the recipe: {sorted(changed - case.changes.keys())}"
 
 
@@ -261,7 +287,13 @@ def test_the_global_batch_fills_on_1_8_and_32_devices_with_the_lr_stated_at_it(c
 
 @pytest.mark.parametrize(
     "model, experiment",
-    [("convnext_b", "in1k_isotropic"), ("convnext_iso_s", "in22k_pretrain"), ("convnext_t", "ft_in1k_384"), ("convnext_t", "ft_in22k_in1k"), ("convnextv2_h", "v2_ft_in1k")],
+    [
+        ("convnext_b", "in1k_isotropic"),
+        ("convnext_iso_s", "in22k_pretrain"),
+        ("convnext_t", "ft_in1k_384"),
+        ("convnext_t", "ft_in22k_in1k"),
+        ("convnextv2_h", "v2_ft_in1k"),
+    ],
 )
 def test_a_variant_without_a_row_names_the_experiment_and_the_variant(model, experiment):
     with pytest.raises(InterpolationKeyError, match=rf"Interpolation key '{experiment}\.{model}\.\w+' not found"):
@@ -304,15 +336,23 @@ def test_lr_of_every_imagenet_step_equals_the_official_cosine_scheduler(model, e
 # The CLI composes the same configs; the README table is current
 # --------------------------------------------------------------------------------------------------
 def test_train_py_composes_the_same_configs_and_names_a_missing_row():
-    commands = [[f"model={c.model}", *([f"experiment={c.experiment}"] if c.experiment else []), *c.overrides] for c in CASES]
+    commands = [
+        [f"model={c.model}", *([f"experiment={c.experiment}"] if c.experiment else []), *c.overrides] for c in CASES
+    ]
     commands.append(["model=convnext_t", "experiment=ft_in1k_384"])
     # Concurrently: `--cfg job` returns before train.py imports torch, so each run is mostly startup.
     processes = [
-        subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--cfg", "job", "--resolve"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args, "--cfg", "job", "--resolve"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for args in commands
     ]
     results = [(p, *p.communicate(timeout=120)) for p in processes]
-    for case, (process, stdout, stderr) in zip(CASES, results):
+    for case, (process, stdout, stderr) in zip(CASES, results, strict=False):
         assert process.returncode == 0, stderr[-2000:]
         assert yaml.safe_load(stdout) == OmegaConf.to_container(config_of(case)), case.id
     process, _, stderr = results[-1]
@@ -355,13 +395,22 @@ def test_the_full_imagenet_recipe_trains_end_to_end(two_classes, tmp_path):
     # Every augmentation and regulariser of the recipe on: only data, batch, epochs and precision
     # shrink, and the 20 warmup epochs, which cannot fit into one.
     result = run_script(
-        "train.py", "model=convnext_t", f"data.root={two_classes}", "data.img_size=32", *TINY_DATA,
-        "scheduler.warmup_epochs=0", f"hydra.run.dir={tmp_path}",
+        "train.py",
+        "model=convnext_t",
+        f"data.root={two_classes}",
+        "data.img_size=32",
+        *TINY_DATA,
+        "scheduler.warmup_epochs=0",
+        f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = last_checkpoint(tmp_path)
     config = leaves(OmegaConf.create(checkpoint["config"]))
-    recipe = {k: v for k, v in IN1K.items() if not k.startswith(("trainer.", "data.", "model.num_classes", "scheduler.warmup"))}
+    recipe = {
+        k: v
+        for k, v in IN1K.items()
+        if not k.startswith(("trainer.", "data.", "model.num_classes", "scheduler.warmup"))
+    }
     assert {k: config[k] for k in recipe} == recipe
     assert config["model.drop_path_rate"] == 0.1 and "model_ema" in checkpoint
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
@@ -375,8 +424,14 @@ def test_fine_tuning_at_a_higher_resolution_from_a_checkpoint_end_to_end(two_cla
     torch.save({"model": ConvNeXt(depths=(3, 3, 27, 3), dims=(8, 16, 32, 64), num_classes=5).state_dict()}, pretrained)
     run_dir = tmp_path / "run"
     result = run_script(
-        "train.py", *tiny_b, "experiment=ft_in1k_384", f"finetune.checkpoint={pretrained}", f"data.root={two_classes}",
-        "data.img_size=64", *TINY_DATA, f"hydra.run.dir={run_dir}",
+        "train.py",
+        *tiny_b,
+        "experiment=ft_in1k_384",
+        f"finetune.checkpoint={pretrained}",
+        f"data.root={two_classes}",
+        "data.img_size=64",
+        *TINY_DATA,
+        f"hydra.run.dir={run_dir}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the head is re-initialised for 2 classes" in result.stdout
@@ -384,5 +439,7 @@ def test_fine_tuning_at_a_higher_resolution_from_a_checkpoint_end_to_end(two_cla
     assert lrs == official_cosine_scheduler(5e-5, 1e-6, epochs=1, niter_per_ep=2, warmup_epochs=0).tolist()
     checkpoint = last_checkpoint(run_dir)
     # Layer decay 0.7 over the official 12 layers + head: lr scales 0.7^13 .. 1.
-    assert sorted({round(g["lr_scale"], 12) for g in checkpoint["optimizer"]["param_groups"]}) == sorted(round(0.7**k, 12) for k in range(14))
+    assert sorted({round(g["lr_scale"], 12) for g in checkpoint["optimizer"]["param_groups"]}) == sorted(
+        round(0.7**k, 12) for k in range(14)
+    )
     assert checkpoint["config"]["model"]["drop_path_rate"] == 0.8 and "model_ema" not in checkpoint

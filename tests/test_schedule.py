@@ -20,8 +20,10 @@ def official_schedule(base_value, final_value, epochs, niter_per_ep, warmup_epoc
     warmup = np.linspace(0, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
     cosine_iters = epochs * niter_per_ep - warmup_iters
     cosine = np.array(
-        [final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / cosine_iters))
-         for i in range(cosine_iters)]
+        [
+            final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / cosine_iters))
+            for i in range(cosine_iters)
+        ]
     )
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == epochs * niter_per_ep
@@ -47,10 +49,12 @@ CASES = {
 def ours(base_lr, min_lr, epochs, niter_per_ep, warmup_epochs, warmup_steps):
     warmup = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
     total = epochs * niter_per_ep
-    return np.array([
-        cosine_lr(step, base_lr=base_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total)
-        for step in range(total)
-    ])
+    return np.array(
+        [
+            cosine_lr(step, base_lr=base_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total)
+            for step in range(total)
+        ]
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -66,14 +70,14 @@ def recipe_lr(step: int) -> float:
 def test_warmup_rises_from_zero_to_exactly_base_lr():
     warmup = [recipe_lr(s) for s in range(20 * 312)]
     assert warmup[0] == 0.0
-    assert all(a < b for a, b in zip(warmup, warmup[1:]))
+    assert all(a < b for a, b in zip(warmup, warmup[1:], strict=False))
     assert warmup[-1] == 4e-3  # linspace includes its endpoint
     assert recipe_lr(20 * 312) == pytest.approx(4e-3, rel=1e-12)  # the cosine starts at its top
 
 
 def test_cosine_decays_to_just_above_min_lr():
     cosine = [recipe_lr(s) for s in range(20 * 312, 300 * 312)]
-    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+    assert all(a >= b for a, b in zip(cosine, cosine[1:], strict=False))
     assert 1e-6 < cosine[-1] < 1e-6 + 1e-11
 
 

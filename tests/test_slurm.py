@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_imagefolder
 from test_train import TINY_RUN, assert_same_tensors, load, read_jsonl, tiny_run
 
@@ -22,8 +21,24 @@ CLUSTER = REPO / "slurm" / "cluster.sh"
 # README.md, "Multi-GPU and SLURM": the command for a node without GPUs.
 SBATCH_CPU = ["sbatch", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none"]
 # 64 images, 4 steps of 16 per epoch, 12 steps; every step logged and checkpointed.
-EXACT = ["aug=none", "model.drop_path_rate=0", "trainer.epochs=3", "trainer.keep_last=100", "trainer.checkpoint_every_minutes=0.0001"]
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+EXACT = [
+    "aug=none",
+    "model.drop_path_rate=0",
+    "trainer.epochs=3",
+    "trainer.keep_last=100",
+    "trainer.checkpoint_every_minutes=0.0001",
+]
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def cluster(command: str, env: dict) -> subprocess.CompletedProcess:
@@ -37,7 +52,11 @@ def slurm_env():
     running (CI starts it in .ci/run) and stopped at the end when it was started here."""
     if os.geteuid() != 0:
         pytest.skip("a local SLURM cluster needs root (bash slurm/cluster.sh start)")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONUNBUFFERED": "1",
+    }
     env["SLURM_CONF"] = cluster("env", env).stdout.strip().split("=", 1)[1]
     installed = cluster("install", env)
     if installed.returncode != 0:
@@ -46,7 +65,10 @@ def slurm_env():
             pytest.fail(reason)  # CI installs them in .ci/run: a skip there would hide a broken setup
         pytest.skip(reason)
     # Without its slurm.conf, scontrol would wait a minute for one to appear.
-    was_running = Path(env["SLURM_CONF"]).exists() and subprocess.run(["scontrol", "ping"], env=env, capture_output=True).returncode == 0
+    was_running = (
+        Path(env["SLURM_CONF"]).exists()
+        and subprocess.run(["scontrol", "ping"], env=env, capture_output=True).returncode == 0
+    )
     started = cluster("start", env)
     assert started.returncode == 0, started.stderr
     yield env
@@ -57,21 +79,29 @@ def slurm_env():
 def submit(env: dict, log: Path, *overrides: str) -> str:
     result = subprocess.run(
         [*SBATCH_CPU, "--parsable", f"--output={log}", "slurm/train.sbatch", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
 
 
 def job_fields(env: dict, job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
 def wait_until_finished(env: dict, job: str, log: Path, timeout: float = 180) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while (fields := job_fields(env, job))["JobState"] not in FINISHED:
-        assert time.monotonic() < deadline, f"job {job} still {fields['JobState']}:\n{log.read_text()[-3000:] if log.exists() else ''}"
+        assert time.monotonic() < deadline, (
+            f"job {job} still {fields['JobState']}:\n{log.read_text()[-3000:] if log.exists() else ''}"
+        )
         time.sleep(0.5)
     return fields
 
@@ -97,9 +127,9 @@ def test_a_job_requeued_mid_run_resumes_and_ends_bitwise_equal(slurm_env, jobs, 
     checkpoint = runs["requeued"] / "checkpoints" / "step_000000003.pt"
     deadline = time.monotonic() + 150
     while not checkpoint.exists():
-        assert job_fields(slurm_env, requeued_job)["JobState"] in {"PENDING", "RUNNING"} and time.monotonic() < deadline, (
-            logs["requeued"].read_text()[-3000:] if logs["requeued"].exists() else "no log"
-        )
+        assert (
+            job_fields(slurm_env, requeued_job)["JobState"] in {"PENDING", "RUNNING"} and time.monotonic() < deadline
+        ), logs["requeued"].read_text()[-3000:] if logs["requeued"].exists() else "no log"
         time.sleep(0.1)
     # What `--signal=USR1@600` does before the time limit: USR1 to every task of the job's steps.
     subprocess.run(["scancel", "--signal=USR1", requeued_job], env=slurm_env, check=True)
@@ -111,7 +141,9 @@ def test_a_job_requeued_mid_run_resumes_and_ends_bitwise_equal(slurm_env, jobs, 
 
     log = logs["requeued"].read_text()
     assert "(2 process(es))" in log
-    assert "stopping after SIGUSR1: checkpoint saved at step" in log and f"requeued SLURM job {requeued_job}" in log, log[-3000:]
+    assert "stopping after SIGUSR1: checkpoint saved at step" in log and f"requeued SLURM job {requeued_job}" in log, (
+        log[-3000:]
+    )
     resumed = re.search(r"resumed from .* at epoch \d+, step (\d+)", log)
     assert resumed and 3 <= int(resumed.group(1)) < 12, log[-3000:]
     # metrics.jsonl holds every step once, as if the job had never stopped.
@@ -127,11 +159,29 @@ def test_a_sweep_through_the_submitit_launcher_trains_on_two_tasks(slurm_env, tm
     data = make_imagefolder(tmp_path / "data")
     sweep = tmp_path / "sweep"
     # The GPU layout of conf/hydra/launcher/slurm.yaml, turned into 2 CPU tasks.
-    cpu_node = ["hydra.launcher.gpus_per_node=null", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1"]
+    cpu_node = [
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
+    ]
     result = subprocess.run(
-        [sys.executable, "train.py", "--multirun", "hydra/launcher=slurm", *cpu_node, f"hydra.sweep.dir={sweep}",
-         *TINY_RUN, f"data.root={data}", "trainer.epochs=1", "trainer.seed=0,1"],
-        cwd=REPO, env=slurm_env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "train.py",
+            "--multirun",
+            "hydra/launcher=slurm",
+            *cpu_node,
+            f"hydra.sweep.dir={sweep}",
+            *TINY_RUN,
+            f"data.root={data}",
+            "trainer.epochs=1",
+            "trainer.seed=0,1",
+        ],
+        cwd=REPO,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summaries = sorted(sweep.glob("*/summary.json"))

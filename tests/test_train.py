@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, build_model, run_script
+
 from convnext_train.checkpoints import save_checkpoint
 from convnext_train.distributed import Processes
 from convnext_train.resume import RunCheckpoints
@@ -67,7 +67,7 @@ def assert_same_tensors(a, b, where: str = "") -> None:
             assert_same_tensors(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a} != {b}"
@@ -140,8 +140,16 @@ def test_rerunning_a_finished_run_does_nothing(finished_run, tiny_imagefolder):
 def test_the_run_directory_is_named_by_what_changes_the_training_only():
     """The default run directory is named by the overrides, so the same command resumes; overrides
     that only say where data is or how often to log or checkpoint must not start a new run."""
-    where_and_how_often = ["data.root=/elsewhere", "data.num_workers=3", "trainer.log_every=7", "trainer.checkpoint_every_minutes=1", "trainer.keep_last=5"]
-    result = run_script("train.py", "model=convnext_atto", "trainer.epochs=3", *where_and_how_often, "--cfg", "hydra", "--resolve")
+    where_and_how_often = [
+        "data.root=/elsewhere",
+        "data.num_workers=3",
+        "trainer.log_every=7",
+        "trainer.checkpoint_every_minutes=1",
+        "trainer.keep_last=5",
+    ]
+    result = run_script(
+        "train.py", "model=convnext_atto", "trainer.epochs=3", *where_and_how_often, "--cfg", "hydra", "--resolve"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = yaml.safe_load(result.stdout)["hydra"]["run"]["dir"]
     assert run_dir == "outputs/train/model=convnext_atto,trainer.epochs=3"
@@ -149,7 +157,9 @@ def test_the_run_directory_is_named_by_what_changes_the_training_only():
 
 def test_plot_turns_the_run_into_a_png(finished_run):
     run_dir, _ = finished_run
-    result = subprocess.run([sys.executable, "-m", "convnext_train.plot", str(run_dir)], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "convnext_train.plot", str(run_dir)], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -195,7 +205,9 @@ def test_killed_and_resumed_run_ends_bitwise_equal(finished_run, tiny_imagefolde
     run_dir = tmp_path / "killed"
     # One worker process here, none in the reference: the data must not depend on it either.
     args = tiny_run(tiny_imagefolder, run_dir, "trainer.checkpoint_every_minutes=0.0001", "data.num_workers=1")
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "step_000000006.pt").exists():  # mid-epoch 2
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -333,10 +345,16 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(tmp_pat
     unshare = ["unshare", "--mount", "--propagation", "private", *([] if os.geteuid() == 0 else ["--map-root-user"])]
     result = subprocess.run(
         [*unshare, "sh", "-c", script, "sh", sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode != 99, f"could not mount a tmpfs in a private mount namespace: {result.stderr}"
-    assert_user_error(result, "no space left", "step_000000002.pt", "step_000000001.pt", "is intact", "trainer.keep_last, now 2")
+    assert_user_error(
+        result, "no space left", "step_000000002.pt", "step_000000001.pt", "is intact", "trainer.keep_last, now 2"
+    )
     # Nothing half-written was left behind, and the last checkpoint is whole.
     assert sorted(p.name for p in (after / "checkpoints").iterdir()) == ["last.pt", "step_000000001.pt"]
     assert load(after / "checkpoints" / "last.pt")["step"] == 1
@@ -349,7 +367,9 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(tmp_pat
 
 def test_eval_refuses_a_checkpoint_for_another_architecture(finished_run, tiny_imagefolder):
     run_dir, _ = finished_run
-    result = run_script("eval.py", "model=convnext_femto", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "data.num_classes=4")
+    result = run_script(
+        "eval.py", "model=convnext_femto", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "data.num_classes=4"
+    )
     assert_user_error(result, "different architecture", "shape")
 
 
@@ -359,8 +379,16 @@ def test_eval_refuses_a_checkpoint_for_another_architecture(finished_run, tiny_i
 def test_eval_scores_checkpoints_and_agrees_with_training(finished_run, tiny_imagefolder, tmp_path):
     run_dir, _ = finished_run
     last = run_dir / "checkpoints" / "last.pt"
-    common = ["model=convnext_atto", f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.img_size=32", "data.num_workers=0"]
-    result = run_script("eval.py", *common, f"checkpoint=[{last},{last}]", "eval.use_ema=true", f"hydra.run.dir={tmp_path}")
+    common = [
+        "model=convnext_atto",
+        f"data.root={tiny_imagefolder}",
+        "data.num_classes=4",
+        "data.img_size=32",
+        "data.num_workers=0",
+    ]
+    result = run_script(
+        "eval.py", *common, f"checkpoint=[{last},{last}]", "eval.use_ema=true", f"hydra.run.dir={tmp_path}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert len(scores) == 2 and scores[0]["images"] == 16
@@ -436,7 +464,9 @@ def test_finetuning_loads_the_backbone_and_reinitialises_a_head_of_another_size(
     pretrained_path = finished_run[0] / "checkpoints" / "last.pt"
     three_classes = make_imagefolder(tmp_path / "data", classes=3)
     run_dir = tmp_path / "run"
-    args = tiny_run(three_classes, run_dir, "data.num_classes=3", "trainer.epochs=1", f"finetune.checkpoint={pretrained_path}")
+    args = tiny_run(
+        three_classes, run_dir, "data.num_classes=3", "trainer.epochs=1", f"finetune.checkpoint={pretrained_path}"
+    )
     # An lr of 1e-12 leaves the weights where fine-tuning started them.
     result = run_script("train.py", *args, "optimizer.lr=1e-12", "finetune.use_ema=true")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -452,12 +482,22 @@ def test_lr_follows_the_global_batch_only_when_asked(finished_run, tiny_imagefol
 
     from convnext_train.trainer import peak_lr
 
-    cfg = OmegaConf.create({"optimizer": {"lr": 4e-3, "lr_reference_batch": 4096, "scale_lr_with_batch": False}, "trainer": {"global_batch_size": 1024}})
+    cfg = OmegaConf.create(
+        {
+            "optimizer": {"lr": 4e-3, "lr_reference_batch": 4096, "scale_lr_with_batch": False},
+            "trainer": {"global_batch_size": 1024},
+        }
+    )
     assert peak_lr(cfg) == 4e-3
     cfg.optimizer.scale_lr_with_batch = True
     assert peak_lr(cfg) == pytest.approx(1e-3)
     run_dir = tmp_path / "run"
-    extra = ("optimizer.scale_lr_with_batch=true", "optimizer.lr_reference_batch=64", "trainer.epochs=1", "scheduler.warmup_epochs=1")
+    extra = (
+        "optimizer.scale_lr_with_batch=true",
+        "optimizer.lr_reference_batch=64",
+        "trainer.epochs=1",
+        "scheduler.warmup_epochs=1",
+    )
     result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     lrs = [r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "lr" in r]
@@ -475,7 +515,13 @@ def test_pretraining_without_a_validation_split_skips_evaluation(tiny_imagefolde
 
 
 def test_an_experiment_without_a_row_for_the_model_names_the_variants_it_covers(tiny_imagefolder, tmp_path):
-    result = run_script("train.py", "experiment=ft_in1k_384", "model=convnext_t", f"data.root={tiny_imagefolder}", f"hydra.run.dir={tmp_path}")
+    result = run_script(
+        "train.py",
+        "experiment=ft_in1k_384",
+        "model=convnext_t",
+        f"data.root={tiny_imagefolder}",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert_user_error(result, "ft_in1k_384", "model=convnext_t", "convnext_b, convnext_l")
 
 
@@ -489,7 +535,13 @@ def test_a_stop_signal_saves_exits_cleanly_and_the_rerun_ends_bitwise_equal(fini
     reference_dir, _ = finished_run
     run_dir = tmp_path / "stopped"
     args = tiny_run(tiny_imagefolder, run_dir, "trainer.checkpoint_every_minutes=0.0001")
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "step_000000003.pt").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"

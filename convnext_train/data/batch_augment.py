@@ -137,7 +137,9 @@ class BatchAugment:
         if aug_cfg.get("reprob", 0) > 0:
             remode = aug_cfg.get("remode", "pixel")
             try:
-                self.erasing = SeededRandomErasing(aug_cfg.reprob, mode=remode, max_count=aug_cfg.get("recount", 1), device="cpu")
+                self.erasing = SeededRandomErasing(
+                    aug_cfg.reprob, mode=remode, max_count=aug_cfg.get("recount", 1), device="cpu"
+                )
             except AssertionError:
                 raise UserError(f"remode={remode!r}: random erasing modes are 'const', 'rand' and 'pixel'") from None
 
@@ -146,7 +148,9 @@ class BatchAugment:
             raise ValueError(f"expected a uint8 (N, 3, H, W) batch, got {images.dtype} {tuple(images.shape)}")
         out = normalize(images)
         if self.erasing is not None:
-            erase_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed % 2**64)).tolist()
+            erase_seed, noise_seed = torch.randint(
+                2**62, (2,), generator=torch.Generator().manual_seed(seed % 2**64)
+            ).tolist()
             noise = torch.Generator(device=out.device).manual_seed(noise_seed)
             self.erasing.erase_(out, random.Random(erase_seed), noise)
         return out

@@ -34,7 +34,14 @@ class Loaders:
 
 
 def build_loaders(
-    data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1
+    data_cfg: DictConfig,
+    aug_cfg: DictConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
     """The loaders of one training process. Each epoch's order is a permutation seeded by (seed,
     epoch); process r takes every world_size-th image from position r, so the global order is the
@@ -42,13 +49,24 @@ def build_loaders(
     if data_cfg.kind == "ffcv":
         from convnext_train.data.ffcv import ffcv_loaders
 
-        return ffcv_loaders(data_cfg, aug_cfg, seed=seed, batch_size=batch_size, device=device, rank=rank, world_size=world_size)
+        return ffcv_loaders(
+            data_cfg, aug_cfg, seed=seed, batch_size=batch_size, device=device, rank=rank, world_size=world_size
+        )
     train_images, val_images = build_datasets(data_cfg, aug_cfg, seed=seed)
-    loader = partial(make_loader, batch_size=batch_size, num_workers=data_cfg.num_workers, pin_memory=data_cfg.pin_memory and device.type == "cuda")
-    train_sampler = EpochSampler(len(train_images), seed=seed, shuffle=True, drop_last=True, rank=rank, world_size=world_size)
+    loader = partial(
+        make_loader,
+        batch_size=batch_size,
+        num_workers=data_cfg.num_workers,
+        pin_memory=data_cfg.pin_memory and device.type == "cuda",
+    )
+    train_sampler = EpochSampler(
+        len(train_images), seed=seed, shuffle=True, drop_last=True, rank=rank, world_size=world_size
+    )
     val = None
     if val_images is not None:
-        val_sampler = EpochSampler(len(val_images), seed=seed, shuffle=False, drop_last=False, rank=rank, world_size=world_size)
+        val_sampler = EpochSampler(
+            len(val_images), seed=seed, shuffle=False, drop_last=False, rank=rank, world_size=world_size
+        )
         val = loader(val_images, val_sampler, drop_last=False)
     return Loaders(
         train=loader(train_images, train_sampler, drop_last=True),
@@ -66,10 +84,19 @@ def build_val_loader(data_cfg: DictConfig, crop_pct: float, *, batch_size: int, 
         return ffcv_val_loader(data_cfg, crop_pct, batch_size=batch_size, device=device)
     images = val_dataset(data_cfg, crop_pct)
     sampler = EpochSampler(len(images), seed=0, shuffle=False, drop_last=False)
-    return make_loader(images, sampler, batch_size=batch_size, num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda", drop_last=False)
+    return make_loader(
+        images,
+        sampler,
+        batch_size=batch_size,
+        num_workers=data_cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
 
 
-def build_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples | None]:
+def build_datasets(
+    data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int
+) -> tuple[SeededSamples, SeededSamples | None]:
     """(train, val); val is None when `data.val_split` is null (ImageNet-22K pre-training has none)."""
     if data_cfg.kind not in KINDS:
         raise UserError(f"data.kind={data_cfg.kind}: must be one of {', '.join(KINDS)}")

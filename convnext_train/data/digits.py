@@ -29,9 +29,7 @@ COMPLETE_MARKER = "digits-complete.json"
 _DIGITS_MAX_VALUE = 16
 
 
-def write_digits_imagefolder(
-    root: Path, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0
-) -> Path:
+def write_digits_imagefolder(root: Path, img_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
     """Write the digits under `root` once and return `root`.
 
     The held-out split is stratified (every digit keeps its share in both splits) and fixed by
@@ -51,9 +49,7 @@ def write_digits_imagefolder(
     if marker.is_file() and json.loads(marker.read_text())["parameters"] == parameters:
         return root
     if root.exists() and not marker.is_file() and any(root.iterdir()):
-        raise UserError(
-            f"{root} is not empty and was not written by write_digits_imagefolder; choose another path"
-        )
+        raise UserError(f"{root} is not empty and was not written by write_digits_imagefolder; choose another path")
 
     staging = root.with_name(f".{root.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)  # a previous, interrupted call's half-written tree

@@ -54,8 +54,8 @@ try:
     from ffcv.reader import Reader
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
     from ffcv.traversal_order import QuasiRandom
-    from ffcv.traversal_order.quasi_random import generate_order_inner
     from ffcv.traversal_order.base import TraversalOrder
+    from ffcv.traversal_order.quasi_random import generate_order_inner
 except (ImportError, OSError) as _error:  # not installed, or its native libraries cannot be loaded
     FFCV_IMPORT_ERROR: Exception | None = _error
     numba = None
@@ -72,20 +72,33 @@ INSTALL_HELP = (
     "FFCV is an optional extra: install its system libraries, then the extra: "
     "`sudo apt-get install pkg-config libturbojpeg0-dev libopencv-dev && pip install -e '.[ffcv]'`"
 )
-RECORD_FORMAT = 1  # of write_ffcv's records: bump when the field layout or the record changes (older files are rewritten)
+RECORD_FORMAT = (
+    1  # of write_ffcv's records: bump when the field layout or the record changes (older files are rewritten)
+)
 WRITE_HELP = "write it from the ImageFolder tree with `python data/write_ffcv.py <imagefolder_root> <data.root>`"
 UINT64 = (1 << 64) - 1
 
 
 def require_ffcv() -> None:
     if FFCV_IMPORT_ERROR is not None:
-        raise UserError(f"data.kind=ffcv needs the ffcv package, which cannot be imported ({FFCV_IMPORT_ERROR}). {INSTALL_HELP}")
+        raise UserError(
+            f"data.kind=ffcv needs the ffcv package, which cannot be imported ({FFCV_IMPORT_ERROR}). {INSTALL_HELP}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Entry points (the seam in datasets.py)
 # --------------------------------------------------------------------------------------------------
-def ffcv_loaders(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1):
+def ffcv_loaders(
+    data_cfg: DictConfig,
+    aug_cfg: DictConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+):
     """The training process's loaders over `<data.root>/<train_split>.beton` (and `<val_split>.beton`)."""
     from convnext_train.data.datasets import Loaders  # datasets.py imports this module lazily: no cycle
 
@@ -94,10 +107,29 @@ def ffcv_loaders(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int, batch_
     val_file = open_beton(data_cfg, data_cfg.val_split) if data_cfg.val_split is not None else None
     check_class_lists(train_file, val_file)
     guard = OneDecodeAtATime()
-    train = TrainBatches(train_file, data_cfg, aug_cfg, seed=seed, batch_size=batch_size, device=device, rank=rank, world_size=world_size, guard=guard)
+    train = TrainBatches(
+        train_file,
+        data_cfg,
+        aug_cfg,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        guard=guard,
+    )
     val = None
     if val_file is not None:
-        val = ValBatches(val_file, data_cfg, aug_cfg.crop_pct, batch_size=batch_size, device=device, rank=rank, world_size=world_size, guard=guard)
+        val = ValBatches(
+            val_file,
+            data_cfg,
+            aug_cfg.crop_pct,
+            batch_size=batch_size,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            guard=guard,
+        )
     return Loaders(train=train, train_length=train.num_samples, start_at=train.start_at, val=val)
 
 
@@ -106,7 +138,14 @@ def ffcv_val_loader(data_cfg: DictConfig, crop_pct: float, *, batch_size: int, d
     require_ffcv()
     if data_cfg.val_split is None:
         raise UserError("data.val_split is null: there is no validation split to score")
-    return ValBatches(open_beton(data_cfg, data_cfg.val_split), data_cfg, crop_pct, batch_size=batch_size, device=device, guard=OneDecodeAtATime())
+    return ValBatches(
+        open_beton(data_cfg, data_cfg.val_split),
+        data_cfg,
+        crop_pct,
+        batch_size=batch_size,
+        device=device,
+        guard=OneDecodeAtATime(),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,7 +165,9 @@ def open_beton(data_cfg: DictConfig, split: str) -> Beton:
         raise UserError(f"{path} not found: data=ffcv reads <data.root>/{split}.beton; {WRITE_HELP}")
     reader = open_reader(path)
     fields = {name: type(field).__name__ for name, field in reader.handlers.items()}
-    if not (isinstance(reader.handlers.get("image"), RGBImageField) and isinstance(reader.handlers.get("label"), IntField)):
+    if not (
+        isinstance(reader.handlers.get("image"), RGBImageField) and isinstance(reader.handlers.get("label"), IntField)
+    ):
         raise UserError(
             f"{path} has the fields {fields}, not the layout data=ffcv reads (image: RGBImageField, label: IntField, "
             f"optionally index: IntField); {WRITE_HELP}"
@@ -152,7 +193,9 @@ def open_reader(path: Path) -> Reader:
     try:
         return Reader(str(path))
     except (AssertionError, ValueError, IndexError, KeyError, TypeError, OSError) as error:
-        raise UserError(f"{path} is not a readable FFCV .beton file ({error or type(error).__name__}); {WRITE_HELP}") from None
+        raise UserError(
+            f"{path} is not a readable FFCV .beton file ({error or type(error).__name__}); {WRITE_HELP}"
+        ) from None
 
 
 def check_class_lists(train_file: Beton, val_file: Beton | None) -> None:
@@ -254,7 +297,18 @@ class CropDecoder(ResizedCropRGBImageDecoder):
     constant; the cell's address is the constant and its content changes (`set_epoch`).
     """
 
-    def __init__(self, size: int, mode: str, *, seed: int = 0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.0, resize_size: int = 0, rand_augment=None):
+    def __init__(
+        self,
+        size: int,
+        mode: str,
+        *,
+        seed: int = 0,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        hflip: float = 0.0,
+        resize_size: int = 0,
+        rand_augment=None,
+    ):
         super().__init__((size, size))
         if rand_augment is not None and mode != "random":
             raise ValueError("RandAugment is for the random (training) crop")
@@ -285,6 +339,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
                 top, left, h, w = centre_crop(height, width, size, resize_size)
                 return top, left, h, w, False
         elif self.mode == "squash":
+
             def crop(height, width, key):
                 return np.int64(0), np.int64(0), height, width, False
         else:
@@ -293,6 +348,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
 
     def augment_function(self):
         if self.rand_augment is None:
+
             def augment(image, key):
                 pass
         else:
@@ -302,6 +358,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
 
             def augment(image, key):
                 rand_augment(image, key, *arguments)
+
         return numba.njit(nogil=True)(augment)
 
     def generate_code(self):
@@ -383,10 +440,19 @@ class RankOrder(TraversalOrder):
     then asks for `sample_order(its own epoch count)`, which is ignored: the epoch is ours (`start_at`).
     """
 
-    def __init__(self, num_samples: int, *, kind: str, seed: int, train: bool, batch_size: int, rank: int, world_size: int):
+    def __init__(
+        self, num_samples: int, *, kind: str, seed: int, train: bool, batch_size: int, rank: int, world_size: int
+    ):
         self.kind, self.train, self.batch_size = kind, train, batch_size
         self.rank, self.world_size = rank, world_size
-        self.epoch_sampler = EpochSampler(num_samples, seed=seed, shuffle=train and kind == "random", drop_last=train, rank=rank, world_size=world_size)
+        self.epoch_sampler = EpochSampler(
+            num_samples,
+            seed=seed,
+            shuffle=train and kind == "random",
+            drop_last=train,
+            rank=rank,
+            world_size=world_size,
+        )
         self.quasi_random = None
 
     def __call__(self, loader: Loader) -> RankOrder:
@@ -415,7 +481,9 @@ class RankOrder(TraversalOrder):
         quasi = self.quasi_random
         everything = np.zeros(len(quasi.indices), dtype=np.int64)
         seed = (self.seed * 912300 + self.epoch_sampler.epoch) % 2**32
-        generate_order_inner(seed, quasi.page_to_samples_array.copy(), quasi.page_sizes, everything, 2 * self.batch_size)
+        generate_order_inner(
+            seed, quasi.page_to_samples_array.copy(), quasi.page_sizes, everything, 2 * self.batch_size
+        )
         return everything.tolist()[self.rank :: self.world_size][: self.epoch_sampler.per_rank]
 
     def positions(self) -> np.ndarray:
@@ -546,7 +614,18 @@ def torch_threads_kept():
 class FFCVBatches:
     """An FFCV Loader over one .beton file, yielding (images, targets, replaced) like the reference path."""
 
-    def __init__(self, beton: Beton, data_cfg: DictConfig, order: RankOrder, decoder: CropDecoder, *, seed: int, batch_size: int, device: torch.device, guard: OneDecodeAtATime):
+    def __init__(
+        self,
+        beton: Beton,
+        data_cfg: DictConfig,
+        order: RankOrder,
+        decoder: CropDecoder,
+        *,
+        seed: int,
+        batch_size: int,
+        device: torch.device,
+        guard: OneDecodeAtATime,
+    ):
         from convnext_train.config import FFCV_ORDERS
 
         if data_cfg.order not in FFCV_ORDERS:  # train.py has checked it; eval.py and the bench have not
@@ -558,7 +637,10 @@ class FFCVBatches:
         # copy) gives that thread its own OpenMP team, and on the CPU the batch ops of the main thread
         # then ran 2-3x slower for as long as a pass was open (measured; the batch ops take either layout).
         to_nchw = ToTorchImage(channels_last=True)
-        pipelines = {"image": [decoder, ToTensor(), *on_device, to_nchw], "label": [IntDecoder(), ToTensor(), *on_device]}
+        pipelines = {
+            "image": [decoder, ToTensor(), *on_device, to_nchw],
+            "label": [IntDecoder(), ToTensor(), *on_device],
+        }
         self.has_index = "index" in beton.reader.handlers
         if self.has_index:
             pipelines["index"] = [IntDecoder(), ToTensor()]
@@ -604,20 +686,48 @@ class FFCVBatches:
 
 
 class TrainBatches(FFCVBatches):
-    def __init__(self, beton: Beton, data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int, batch_size: int, device: torch.device, rank: int, world_size: int, guard: OneDecodeAtATime):
+    def __init__(
+        self,
+        beton: Beton,
+        data_cfg: DictConfig,
+        aug_cfg: DictConfig,
+        *,
+        seed: int,
+        batch_size: int,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        guard: OneDecodeAtATime,
+    ):
         from convnext_train.data.batch_augment import BatchAugment, normalize
         from convnext_train.data.rand_augment import rand_augment_policy
 
         img_size = data_cfg.img_size
         if aug_cfg.random_resized_crop:
             policy = rand_augment_policy(aug_cfg, img_size)
-            decoder = CropDecoder(img_size, "random", seed=seed, scale=aug_cfg.scale, ratio=aug_cfg.ratio, hflip=aug_cfg.hflip, rand_augment=policy)
+            decoder = CropDecoder(
+                img_size,
+                "random",
+                seed=seed,
+                scale=aug_cfg.scale,
+                ratio=aug_cfg.ratio,
+                hflip=aug_cfg.hflip,
+                rand_augment=policy,
+            )
             self.augment = BatchAugment(aug_cfg)
         else:  # aug=none: the eval pixels, as the reference path's train_transform gives them
             decoder = eval_decoder(img_size, aug_cfg.crop_pct)
             self.augment = lambda images, _seed: normalize(images)
         num_samples = int(beton.reader.num_samples)
-        order = RankOrder(num_samples, kind=data_cfg.order, seed=seed, train=True, batch_size=batch_size, rank=rank, world_size=world_size)
+        order = RankOrder(
+            num_samples,
+            kind=data_cfg.order,
+            seed=seed,
+            train=True,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+        )
         super().__init__(beton, data_cfg, order, decoder, seed=seed, batch_size=batch_size, device=device, guard=guard)
         self.seed, self.rank = seed, rank
 
@@ -629,13 +739,35 @@ class TrainBatches(FFCVBatches):
 
 
 class ValBatches(FFCVBatches):
-    def __init__(self, beton: Beton, data_cfg: DictConfig, crop_pct: float, *, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1, guard: OneDecodeAtATime):
+    def __init__(
+        self,
+        beton: Beton,
+        data_cfg: DictConfig,
+        crop_pct: float,
+        *,
+        batch_size: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        guard: OneDecodeAtATime,
+    ):
         from convnext_train.data.batch_augment import normalize
 
         self.normalize = normalize
         num_samples = int(beton.reader.num_samples)
-        order = RankOrder(num_samples, kind="random", seed=0, train=False, batch_size=batch_size, rank=rank, world_size=world_size)
-        super().__init__(beton, data_cfg, order, eval_decoder(data_cfg.img_size, crop_pct), seed=0, batch_size=batch_size, device=device, guard=guard)
+        order = RankOrder(
+            num_samples, kind="random", seed=0, train=False, batch_size=batch_size, rank=rank, world_size=world_size
+        )
+        super().__init__(
+            beton,
+            data_cfg,
+            order,
+            eval_decoder(data_cfg.img_size, crop_pct),
+            seed=0,
+            batch_size=batch_size,
+            device=device,
+            guard=guard,
+        )
 
     def transform(self, images: torch.Tensor, epoch: int, position: int) -> torch.Tensor:
         return self.normalize(images)

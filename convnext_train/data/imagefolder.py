@@ -17,7 +17,14 @@ from torchvision.datasets import ImageFolder
 
 from convnext_train.errors import UserError
 
-__all__ = ["ImageFolderDataset", "Sample", "UnreadableImageError", "check_class_count", "load_image", "train_and_val_datasets"]
+__all__ = [
+    "ImageFolderDataset",
+    "Sample",
+    "UnreadableImageError",
+    "check_class_count",
+    "load_image",
+    "train_and_val_datasets",
+]
 
 LAYOUT_HELP = (
     "expected ImageFolder layout: <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG, with "

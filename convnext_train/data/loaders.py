@@ -22,7 +22,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """Yields `(epoch, index)` keys for one process: a permutation seeded by (seed, epoch), this
     rank's interleaved share of it, from `start` (samples this rank has already consumed)."""
 
-    def __init__(self, num_samples: int, *, seed: int, shuffle: bool, drop_last: bool, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, num_samples: int, *, seed: int, shuffle: bool, drop_last: bool, rank: int = 0, world_size: int = 1
+    ):
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
@@ -97,7 +99,15 @@ class SeededSamples(Dataset):
             return self.transform(image), target, replaced
 
 
-def make_loader(samples: SeededSamples, sampler: EpochSampler, *, batch_size: int, num_workers: int, pin_memory: bool, drop_last: bool) -> DataLoader:
+def make_loader(
+    samples: SeededSamples,
+    sampler: EpochSampler,
+    *,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool,
+) -> DataLoader:
     return DataLoader(
         samples,
         batch_size=batch_size,

@@ -34,7 +34,15 @@ from timm.data.transforms import str_to_pil_interp
 from convnext_train.data.compiled import jit, uniform
 from convnext_train.errors import UserError
 
-__all__ = ["OP_CODES", "RandAugmentPolicy", "apply_op", "draw_layer", "op_argument", "rand_augment", "rand_augment_policy"]
+__all__ = [
+    "OP_CODES",
+    "RandAugmentPolicy",
+    "apply_op",
+    "draw_layer",
+    "op_argument",
+    "rand_augment",
+    "rand_augment_policy",
+]
 
 SUPPORTED = (
     "the FFCV path's RandAugment supports timm strings 'rand-m<M>[-n<N>][-p<P>][-mstd<S>][-inc<0|1>]' "
@@ -50,19 +58,56 @@ OUTSIDE = -(1 << 40)  # a tap index no image has: the point is outside, its pixe
 
 # Op codes (numba compiles a branch per code). Names are timm's.
 (
-    AUTO_CONTRAST, EQUALIZE, INVERT, ROTATE, POSTERIZE, POSTERIZE_INCREASING, POSTERIZE_ORIGINAL,
-    SOLARIZE, SOLARIZE_INCREASING, SOLARIZE_ADD, COLOR, COLOR_INCREASING, CONTRAST, CONTRAST_INCREASING,
-    BRIGHTNESS, BRIGHTNESS_INCREASING, SHARPNESS, SHARPNESS_INCREASING, SHEAR_X, SHEAR_Y,
-    TRANSLATE_X, TRANSLATE_Y, TRANSLATE_X_REL, TRANSLATE_Y_REL,
+    AUTO_CONTRAST,
+    EQUALIZE,
+    INVERT,
+    ROTATE,
+    POSTERIZE,
+    POSTERIZE_INCREASING,
+    POSTERIZE_ORIGINAL,
+    SOLARIZE,
+    SOLARIZE_INCREASING,
+    SOLARIZE_ADD,
+    COLOR,
+    COLOR_INCREASING,
+    CONTRAST,
+    CONTRAST_INCREASING,
+    BRIGHTNESS,
+    BRIGHTNESS_INCREASING,
+    SHARPNESS,
+    SHARPNESS_INCREASING,
+    SHEAR_X,
+    SHEAR_Y,
+    TRANSLATE_X,
+    TRANSLATE_Y,
+    TRANSLATE_X_REL,
+    TRANSLATE_Y_REL,
 ) = range(24)
 OP_CODES = {
-    "AutoContrast": AUTO_CONTRAST, "Equalize": EQUALIZE, "Invert": INVERT, "Rotate": ROTATE,
-    "Posterize": POSTERIZE, "PosterizeIncreasing": POSTERIZE_INCREASING, "PosterizeOriginal": POSTERIZE_ORIGINAL,
-    "Solarize": SOLARIZE, "SolarizeIncreasing": SOLARIZE_INCREASING, "SolarizeAdd": SOLARIZE_ADD,
-    "Color": COLOR, "ColorIncreasing": COLOR_INCREASING, "Contrast": CONTRAST, "ContrastIncreasing": CONTRAST_INCREASING,
-    "Brightness": BRIGHTNESS, "BrightnessIncreasing": BRIGHTNESS_INCREASING,
-    "Sharpness": SHARPNESS, "SharpnessIncreasing": SHARPNESS_INCREASING, "ShearX": SHEAR_X, "ShearY": SHEAR_Y,
-    "TranslateX": TRANSLATE_X, "TranslateY": TRANSLATE_Y, "TranslateXRel": TRANSLATE_X_REL, "TranslateYRel": TRANSLATE_Y_REL,
+    "AutoContrast": AUTO_CONTRAST,
+    "Equalize": EQUALIZE,
+    "Invert": INVERT,
+    "Rotate": ROTATE,
+    "Posterize": POSTERIZE,
+    "PosterizeIncreasing": POSTERIZE_INCREASING,
+    "PosterizeOriginal": POSTERIZE_ORIGINAL,
+    "Solarize": SOLARIZE,
+    "SolarizeIncreasing": SOLARIZE_INCREASING,
+    "SolarizeAdd": SOLARIZE_ADD,
+    "Color": COLOR,
+    "ColorIncreasing": COLOR_INCREASING,
+    "Contrast": CONTRAST,
+    "ContrastIncreasing": CONTRAST_INCREASING,
+    "Brightness": BRIGHTNESS,
+    "BrightnessIncreasing": BRIGHTNESS_INCREASING,
+    "Sharpness": SHARPNESS,
+    "SharpnessIncreasing": SHARPNESS_INCREASING,
+    "ShearX": SHEAR_X,
+    "ShearY": SHEAR_Y,
+    "TranslateX": TRANSLATE_X,
+    "TranslateY": TRANSLATE_Y,
+    "TranslateXRel": TRANSLATE_X_REL,
+    "TranslateYRel": TRANSLATE_Y_REL,
 }
 
 
@@ -98,7 +143,9 @@ class RandAugmentPolicy:
         try:
             timm_policy = rand_augment_transform(config_str, hparams)
         except (AssertionError, ValueError) as error:
-            raise UserError(f"auto_augment={config_str!r} is not a valid timm RandAugment string ({error}): {SUPPORTED}") from None
+            raise UserError(
+                f"auto_augment={config_str!r} is not a valid timm RandAugment string ({error}): {SUPPORTED}"
+            ) from None
         problems = [f"op {op.name}" for op in timm_policy.ops if op.name not in OP_CODES]
         problems += ["mmax"] if any(op.magnitude_max is not None for op in timm_policy.ops) else []
         problems += ["weighted op choice"] if timm_policy.choice_weights is not None else []
@@ -116,14 +163,21 @@ class RandAugmentPolicy:
     def arguments(self) -> tuple:
         """What `rand_augment(image, key, *arguments)` needs besides the image and its key."""
         return (
-            self.codes, self.probs, self.magnitudes, self.magnitude_stds, self.num_layers,
-            np.array(self.fill, dtype=np.uint8), float(self.hparams["translate_const"]),
+            self.codes,
+            self.probs,
+            self.magnitudes,
+            self.magnitude_stds,
+            self.num_layers,
+            np.array(self.fill, dtype=np.uint8),
+            float(self.hparams["translate_const"]),
             float(self.hparams.get("translate_pct", 0.45)),
         )
 
 
 @jit
-def rand_augment(image, key, codes, probs, magnitudes, magnitude_stds, num_layers, fill, translate_const, translate_pct):
+def rand_augment(
+    image, key, codes, probs, magnitudes, magnitude_stds, num_layers, fill, translate_const, translate_pct
+):
     """timm's `RandAugment.__call__` on one (H, W, 3) uint8 image, in place, its draws keyed by `key`."""
     for layer in range(num_layers):
         k, applied, magnitude, sign = draw_layer(key, layer, probs, magnitudes, magnitude_stds)
@@ -173,7 +227,12 @@ def op_argument(code, magnitude, sign, translate_const, translate_pct):
         return min(128.0, np.floor(level * 110))
     if code == COLOR or code == CONTRAST or code == BRIGHTNESS or code == SHARPNESS:
         return level * 1.8 + 0.1
-    if code == COLOR_INCREASING or code == CONTRAST_INCREASING or code == BRIGHTNESS_INCREASING or code == SHARPNESS_INCREASING:
+    if (
+        code == COLOR_INCREASING
+        or code == CONTRAST_INCREASING
+        or code == BRIGHTNESS_INCREASING
+        or code == SHARPNESS_INCREASING
+    ):
         return max(0.1, 1.0 + sign * (level * 0.9))
     if code == SHEAR_X or code == SHEAR_Y:
         return level * 0.3 * sign
@@ -466,7 +525,12 @@ def affine(image, a, b, c, d, e, f, fill):
                     image[y, x, ch] = fill[ch]
                 continue
             x0, x1, x2, x3 = clamp(left, width), clamp(left + 1, width), clamp(left + 2, width), clamp(left + 3, width)
-            r0, r1, r2, r3 = source[clamp(top, height)], source[clamp(top + 1, height)], source[clamp(top + 2, height)], source[clamp(top + 3, height)]
+            r0, r1, r2, r3 = (
+                source[clamp(top, height)],
+                source[clamp(top + 1, height)],
+                source[clamp(top + 2, height)],
+                source[clamp(top + 3, height)],
+            )
             for ch in range(3):
                 v1 = cubic(r0[x0, ch], r0[x1, ch], r0[x2, ch], r0[x3, ch], dx)
                 v2 = cubic(r1[x0, ch], r1[x1, ch], r1[x2, ch], r1[x3, ch], dx)
@@ -499,7 +563,13 @@ def affine_along_x(image, b, c, fill):
             x0, x1, x2, x3 = clamp(left, width), clamp(left + 1, width), clamp(left + 2, width), clamp(left + 3, width)
             dx = fraction[x]
             for ch in range(3):
-                value = cubic(np.float64(source[y, x0, ch]), np.float64(source[y, x1, ch]), np.float64(source[y, x2, ch]), np.float64(source[y, x3, ch]), dx)
+                value = cubic(
+                    np.float64(source[y, x0, ch]),
+                    np.float64(source[y, x1, ch]),
+                    np.float64(source[y, x2, ch]),
+                    np.float64(source[y, x3, ch]),
+                    dx,
+                )
                 image[y, x, ch] = to_uint8(value)
 
 
@@ -517,7 +587,12 @@ def affine_along_y(image, d, f, fill):
                     for ch in range(3):
                         image[y, x, ch] = fill[ch]
                 continue
-            r0, r1, r2, r3 = rows[clamp(top, height)], rows[clamp(top + 1, height)], rows[clamp(top + 2, height)], rows[clamp(top + 3, height)]
+            r0, r1, r2, r3 = (
+                rows[clamp(top, height)],
+                rows[clamp(top + 1, height)],
+                rows[clamp(top + 2, height)],
+                rows[clamp(top + 3, height)],
+            )
             row = out[y]
             for i in range(width * 3):
                 row[i] = to_uint8(cubic(np.float64(r0[i]), np.float64(r1[i]), np.float64(r2[i]), np.float64(r3[i]), dy))

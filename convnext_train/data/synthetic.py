@@ -54,10 +54,14 @@ def synthetic_datasets(data_cfg: DictConfig, *, seed: int) -> tuple[SeededSample
     for key in ("train_length", "val_length"):
         length = data_cfg[key]
         if length is not None and not (isinstance(length, int) and length > 0):
-            raise UserError(f"data.{key}={length}: must be a positive integer" + (" or null" if key == "val_length" else ""))
+            raise UserError(
+                f"data.{key}={length}: must be a positive integer" + (" or null" if key == "val_length" else "")
+            )
 
     def split(name: str, length: int) -> SeededSamples:
-        images = SyntheticImages(length, num_classes=data_cfg.num_classes, img_size=data_cfg.img_size, seed=seed, split=name)
+        images = SyntheticImages(
+            length, num_classes=data_cfg.num_classes, img_size=data_cfg.img_size, seed=seed, split=name
+        )
         return SeededSamples(images, transform=unchanged, seed=seed)
 
     val = split("val", data_cfg.val_length) if data_cfg.val_length is not None else None

@@ -8,10 +8,9 @@ classes, chosen by the official `main.py` logic. Only the eval transform is writ
 
 from __future__ import annotations
 
-from PIL import Image, ImageOps
 from omegaconf import DictConfig
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from timm.data import auto_augment
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torchvision import transforms

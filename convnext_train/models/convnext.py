@@ -50,9 +50,7 @@ class Block(nn.Module):
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = (
-            nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
-            if layer_scale_init_value > 0
-            else None
+            nn.Parameter(torch.full((dim,), float(layer_scale_init_value))) if layer_scale_init_value > 0 else None
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -113,7 +111,7 @@ class ConvNeXt(nn.Module):
         rates = iter(drop_path_rates(drop_path_rate, sum(depths)))
         self.stages = nn.ModuleList(
             nn.Sequential(*(self.make_block(dim, next(rates), layer_scale_init_value) for _ in range(depth)))
-            for depth, dim in zip(depths, dims)
+            for depth, dim in zip(depths, dims, strict=True)
         )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes)
@@ -127,7 +125,7 @@ class ConvNeXt(nn.Module):
         return Block(dim, drop_path, layer_scale_init_value)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
+        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
             x = downsample(x)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
