@@ -10,6 +10,10 @@
 
 Needs only the standard library and Pillow; scipy only to read the devkit's meta.mat.
 Exit codes: 0 all good, 1 problems found (layout-val then changes nothing), 2 unusable input.
+
+One file on purpose: a self-contained script (nothing of convnext_train), so it runs as it is on
+whichever machine holds the download; its sections are the labels, then each subcommand, then the
+command line.
 """
 
 from __future__ import annotations

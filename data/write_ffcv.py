@@ -19,6 +19,10 @@ when complete, so an interrupted run never leaves a complete-looking .beton behi
 Unreadable images stop the split with an error naming them (all of them, after one pass), unless
 --skip-corrupt leaves them out; either way they are counted in the summary.
 Exit codes: 0 done, 2 unusable input (one line saying what to fix).
+
+One script, just over 400 lines: its sections (command line; one split, kept up to date; FFCV's
+writer with its failure modes closed) are one job read top to bottom, used by nothing else; what
+the loaders share with it (`read_record`, `RECORD_FORMAT`) lives in convnext_train/data/ffcv/betons.py.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ decode, crop and flip cost per image.
 Randomness: image i of epoch e draws from the counter-based generator keyed by (seed, e, i)
 (`compiled`), draw numbers RAND_AUGMENT_DRAW onwards (the crop and flip use the first 41), so
 its ops do not depend on the thread, rank or batch that decodes it, nor on a resume.
+
+One module (policy, point, blend and geometric ops), not several: each op is read side by side with
+the timm op it must match bit for bit, and numba's on-disk cache is invalidated only by a change to
+the file of the function it cached, so ops split across files would leave `apply_op`'s cached copy
+of an edited op stale.
 """
 
 from __future__ import annotations

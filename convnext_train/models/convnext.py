@@ -2,7 +2,7 @@
 
 Module and parameter names are those of the official release (`downsample_layers.0.0.weight`,
 `stages.2.5.dwconv.weight`, `stages.2.5.gamma`, `norm.weight`, `head.weight`), so its checkpoints
-load with `strict=True`. Other formats (timm, Hugging Face) are converted in `checkpoints.py`.
+load with `strict=True`. Other formats (timm, Hugging Face) are converted in `checkpoints/layouts.py`.
 
 Sections: block, hierarchical network, isotropic network.
 """
