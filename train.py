@@ -1,9 +1,18 @@
 """Train a ConvNeXt: `python train.py model=convnext_t data.root=/datasets/imagenet`."""
 
-import hydra
-from omegaconf import DictConfig
+# First, before the slow imports: a stop signal (SLURM's SIGUSR1/SIGTERM) during start-up is
+# recorded and honoured before the first step, instead of killing the job (convnext_train/preemption.py).
+from convnext_train import preemption
 
-from convnext_train.errors import exit_on_user_error
+preemption.install()
+
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from convnext_train.config import refuse_moved_keys  # noqa: E402
+from convnext_train.errors import exit_on_user_error  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")
@@ -15,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_user_error(refuse_moved_keys)(sys.argv[1:])
     main()

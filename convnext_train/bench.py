@@ -7,7 +7,7 @@
     python -m convnext_train.bench loader data=imagenet_ffcv data.root=/datasets/imagenet-ffcv data.num_workers=10
 
 - `step`: `engine.optimizer_step`, the training step itself (forward, loss, backward, AdamW at the
-  scheduled lr, EMA), on a Run built by `trainer.build_run` with `data=synthetic` and one batch
+  scheduled lr, EMA), on the parts `parts.build_parts` builds for training, with `data=synthetic` and one batch
   already on the device. `vs=timm` runs timm's build of the same variant through that same step;
   `vs=bare` runs the same model in a bare loop (forward, cross-entropy, backward, plain AdamW step),
   which prices the framework around the model.
@@ -42,7 +42,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -56,15 +55,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from convnext_train.config import validate_train_config
-from convnext_train.data.datasets import Loaders, build_datasets, build_loaders
-from convnext_train.data.loaders import EpochSampler, make_loader
+from convnext_train.data.datasets import build_datasets, build_loaders
+from convnext_train.data.loaders import EpochSampler, Loaders, make_loader
 from convnext_train.data.transforms import mixup_fn
 from convnext_train.distributed import Processes
 from convnext_train.engine import LossWindow, optimizer_step
 from convnext_train.errors import UserError, exit_on_user_error
 from convnext_train.models import TIMM_NAMES, build_model
 from convnext_train.models.complexity import count_gmacs
-from convnext_train.trainer import Run, TrainState, autocast, bind_model, build_run, resolve_device
+from convnext_train.parts import TrainParts, build_parts
+from convnext_train.runtime import autocast, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODES = ("step", "eval", "loader")
@@ -197,17 +197,18 @@ def compose_config(mode: str, overrides: list[str]) -> tuple[DictConfig, str]:
 def bench_step(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
     device = resolve_device(cfg.trainer.device)
     batch = resident_batch(cfg, device)
-    with tempfile.TemporaryDirectory(prefix="convnext-bench-") as run_dir:
-        # Each contender builds its own state inside `measure`, which counts the memory it holds.
-        def new_run() -> Run:
-            return build_run(cfg, Path(run_dir), Processes())  # one process; its files go with run_dir
+    steps_per_epoch = max(1, cfg.data.train_length // cfg.trainer.global_batch_size)  # the lr schedule's length
 
-        factories = {"ours": lambda: trainer_step(new_run(), batch)}
-        if options.vs == "timm":
-            factories["timm"] = lambda: trainer_step(with_model(new_run(), timm_model(cfg, variant)), batch)
-        elif options.vs == "bare":
-            factories["bare"] = lambda: bare_step(cfg, device, batch)
-        return measure(factories, options, device)
+    # Each contender builds its own state inside `measure`, which counts the memory it holds.
+    def trainer_parts(model: nn.Module) -> TrainParts:
+        return build_parts(cfg, model, Processes(), device, steps_per_epoch=steps_per_epoch)  # one process
+
+    factories = {"ours": lambda: trainer_step(trainer_parts(build_model(cfg.model)), batch)}
+    if options.vs == "timm":
+        factories["timm"] = lambda: trainer_step(trainer_parts(timm_model(cfg, variant)), batch)
+    elif options.vs == "bare":
+        factories["bare"] = lambda: bare_step(cfg, device, batch)
+    return measure(factories, options, device)
 
 
 def bench_eval(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
@@ -243,23 +244,16 @@ def resident_batch(cfg: DictConfig, device: torch.device) -> Batch:
     return images.to(device, memory_format=memory_format_of(cfg)), targets.to(device), replaced
 
 
-def trainer_step(run: Run, batch: Batch) -> Contender:
-    """`engine.optimizer_step` on `run`, fed the same resident batch every micro-step."""
-    run.forward.train()
+def trainer_step(parts: TrainParts, batch: Batch) -> Contender:
+    """`engine.optimizer_step` on `parts`, fed the same resident batch every micro-step."""
+    parts.forward.train()
     batches = itertools.repeat(batch)
-    window = LossWindow(run.device, run.state.step)
+    window = LossWindow(parts.device, 0)
+    steps = itertools.count()
     return Contender(
-        step=lambda: optimizer_step(run, batches, window),
-        images_per_step=run.accumulation * run.cfg.trainer.micro_batch_size,
+        step=lambda: optimizer_step(parts, batches, window, next(steps)),
+        images_per_step=parts.accumulation * batch[0].shape[0],
         check=window.raise_if_non_finite,
-    )
-
-
-def with_model(run: Run, model: nn.Module) -> Run:
-    """`run` training `model` instead: its model-bound parts rebuilt as `build_run` builds them,
-    everything else (loss, Mixup, schedule, settings) shared."""
-    return dataclasses.replace(
-        run, **bind_model(model, run.cfg, run.processes, run.device, run.memory_format), state=TrainState()
     )
 
 
@@ -279,7 +273,7 @@ def bare_step(cfg: DictConfig, device: torch.device, batch: Batch) -> Contender:
         fused=True if device.type == "cuda" else None,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision == "fp16")
-    accumulation = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size  # as build_run, on one device
+    accumulation = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size  # as build_parts, on one device
 
     def step() -> None:
         for _micro in range(accumulation):
@@ -305,7 +299,7 @@ def inference_step(model: nn.Module, images: torch.Tensor, cfg: DictConfig, devi
 
 
 def loader_step(cfg: DictConfig, device: torch.device) -> Contender:
-    """Next training batch as `build_run` loads it, then what `optimizer_step` does to it before the
+    """Next training batch as the trainer loads it, then what `optimizer_step` does to it before the
     forward pass: the copy to the device (channels-last) and Mixup/CutMix."""
     t = cfg.trainer
     loaders = build_loaders(cfg.data, cfg.aug, seed=t.seed, batch_size=t.micro_batch_size, device=device)

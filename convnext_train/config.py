@@ -11,12 +11,26 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from convnext_train.checkpointing.checkpointer import FORMATS, resolve_format
 from convnext_train.errors import UserError
 from convnext_train.parallelize import STRATEGIES
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 FFCV_ORDERS = ("random", "quasi_random")  # data=ffcv: EpochSampler's permutation, or FFCV's page-local shuffle
+# Keys that moved to another place; the old name on the command line gets one line naming the new one.
+MOVED_KEYS = {
+    "trainer.checkpoint_every_minutes": "checkpoint.every_minutes",
+    "trainer.keep_last": "checkpoint.keep_last",
+}
+
+
+def refuse_moved_keys(overrides: list[str]) -> None:
+    """train.py's command line, before Hydra composes it (Hydra would only say the key is unknown)."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in MOVED_KEYS:
+            raise UserError(f"{key} is now {MOVED_KEYS[key]}: pass {MOVED_KEYS[key]}={value} instead")
 
 
 def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
@@ -51,12 +65,12 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
         )
     require(_positive_int(t.log_every), "trainer.log_every", "must be a positive integer")
     require(_positive_int(t.eval_every_epochs), "trainer.eval_every_epochs", "must be a positive integer")
-    require(_positive_int(t.keep_last), "trainer.keep_last", "must be a positive integer")
     require(
-        _number(t.checkpoint_every_minutes) and t.checkpoint_every_minutes > 0,
-        "trainer.checkpoint_every_minutes",
+        _number(t.slow_work_timeout_minutes) and t.slow_work_timeout_minutes > 0,
+        "trainer.slow_work_timeout_minutes",
         "must be > 0",
     )
+    _require_checkpoint(require, cfg, world_size)
     require(
         t.clip_grad is None or (_number(t.clip_grad) and t.clip_grad > 0), "trainer.clip_grad", "must be null or > 0"
     )
@@ -103,6 +117,23 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     if not problems.found and aug.random_resized_crop:
         problems.found += _augmentation_problems(aug, cfg.data.img_size)
     problems.raise_if_any()
+
+
+def _require_checkpoint(require: Callable[[bool, str, str], None], cfg: DictConfig, world_size: int) -> None:
+    c = cfg.checkpoint
+    require(_positive_int(c.keep_last), "checkpoint.keep_last", "must be a positive integer")
+    require(_number(c.every_minutes) and c.every_minutes > 0, "checkpoint.every_minutes", "must be > 0")
+    require(c.format in FORMATS, "checkpoint.format", f"must be one of {', '.join(FORMATS)}")
+    require(isinstance(c.async_save, bool), "checkpoint.async_save", "must be true or false")
+    if c.async_save is True and c.format in FORMATS:
+        resolved = resolve_format(c.format, cfg.trainer.strategy, world_size)
+        require(resolved == "dcp", "checkpoint.async_save", f"needs checkpoint.format=dcp (it is {resolved} here)")
+    allowed = c.allow_changes
+    require(
+        allowed is None or (OmegaConf.is_list(allowed) and all(isinstance(k, str) for k in allowed)),
+        "checkpoint.allow_changes",
+        "must be a list of config keys, e.g. [optimizer.lr,trainer.epochs]",
+    )
 
 
 def validate_eval_config(cfg: DictConfig) -> None:

@@ -1,20 +1,36 @@
-"""Processes and devices: one trainer, three launchers.
+"""Processes and devices: one trainer, three launchers, and timeouts that mean something.
 
 - `python train.py ...`: one process.
 - `torchrun --nproc_per_node=N train.py ...`: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
 - SLURM `srun train.py ...` (one task per GPU, no torchrun): SLURM_PROCID / SLURM_NTASKS /
   SLURM_LOCALID; the master is the job's first node, the port derived from the job id.
 
-NCCL on GPUs, gloo on the CPU, with a timeout on every collective so that a dead rank takes the
-job down instead of leaving the others waiting forever.
+NCCL on GPUs, gloo on the CPU. Two timeouts, because two kinds of waiting exist:
+- `trainer.dist_timeout_minutes` bounds the collectives of the step loop, where every rank does the
+  same work: a rank that stops responding (dead, hung, stuck in I/O) ends the job after this long,
+  and the error names it (`unresponsive_ranks`, read from the rendezvous store, which outlives a hung
+  rank's main thread).
+- `trainer.slow_work_timeout_minutes` bounds the waits for one rank's legitimately long work (rank 0
+  scanning ImageNet's 1.28M files, writing a multi-GB checkpoint, starting W&B): the other ranks wait
+  in a barrier of a separate gloo group created with that timeout (`wait_for_main`), never inside
+  a training collective, whose short timeout would fire on a healthy job.
+
+Besides the training group, `init_processes` creates two CPU-side gloo groups: `control` (stop and
+save decisions, barriers around slow work, outcomes that every rank must share) and `checkpointing`
+(`torch.distributed.checkpoint` saves and loads; async saves run in a thread, so they cannot share a
+group with the main thread's collectives).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import socket
 import subprocess
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -22,12 +38,22 @@ import torch.distributed as dist
 
 from convnext_train.errors import UserError
 
+# Under NCCL a timed-out collective is ended by NCCL's own watchdog, which cannot say which rank is
+# missing; the training group's timeout is set this much later than ours so that our check (on the
+# CPU-side control group, `Agreement`) fires first and names the rank.
+NCCL_TIMEOUT_SLACK = timedelta(minutes=1)
+_RANK_KEY = "convnext/rank/{}"
+_RESPONSIVE_KEY = "convnext/responsive/{}"
+
 
 @dataclass(frozen=True)
 class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    timeout: timedelta = timedelta(minutes=10)  # trainer.dist_timeout_minutes
+    control: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    checkpointing: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -59,21 +85,35 @@ def _first_slurm_host(nodelist: str) -> str:
         return nodelist.split(",")[0].split("[")[0]
 
 
-def init_processes(device_type: str, timeout_minutes: float) -> Processes:
-    processes = launch_environment()
-    if processes.distributed and not dist.is_initialized():
+def init_processes(device_type: str, timeout_minutes: float, slow_work_timeout_minutes: float = 60) -> Processes:
+    launched = launch_environment()
+    timeout = timedelta(minutes=timeout_minutes)
+    if not launched.distributed:
+        return Processes(timeout=timeout)
+    if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
-            torch.cuda.set_device(processes.local_rank)
+            torch.cuda.set_device(launched.local_rank)
         try:
             dist.init_process_group(
                 backend,
-                rank=processes.rank,
-                world_size=processes.world_size,
-                timeout=timedelta(minutes=timeout_minutes),
+                rank=launched.rank,
+                world_size=launched.world_size,
+                timeout=timeout + NCCL_TIMEOUT_SLACK if backend == "nccl" else timeout,
             )
         except (RuntimeError, ValueError) as error:
-            raise UserError(f"could not join the process group of {processes.world_size} processes: {error}") from error
+            raise UserError(f"could not join the process group of {launched.world_size} processes: {error}") from error
+    slow = timedelta(minutes=slow_work_timeout_minutes)
+    processes = Processes(
+        launched.rank,
+        launched.world_size,
+        launched.local_rank,
+        timeout=timeout,
+        control=dist.new_group(backend="gloo", timeout=slow),
+        checkpointing=dist.new_group(backend="gloo", timeout=slow),
+    )
+    # Who is who, for the message that names a rank that stopped responding.
+    _store().set(_RANK_KEY.format(processes.rank), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     return processes
 
 
@@ -81,46 +121,173 @@ def device_for(processes: Processes, device_type: str) -> torch.device:
     return torch.device("cuda", processes.local_rank) if device_type == "cuda" else torch.device("cpu")
 
 
-def barrier() -> None:
+def shutdown() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.destroy_process_group()
 
 
+def _store() -> dist.Store:
+    # The default group's rendezvous store (torchrun's agent, or rank 0's TCPStore under SLURM): a
+    # server thread that answers while a rank's main thread is stuck.
+    return dist.distributed_c10d._get_default_store()
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives
+# --------------------------------------------------------------------------------------------------
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def gather_objects(value, processes: Processes) -> list:
+    """`value` of every rank, in rank order (all ranks call it; small picklable values)."""
+    if not processes.distributed:
+        return [value]
+    values = [None] * processes.world_size
+    dist.all_gather_object(values, value, group=processes.control)
+    return values
+
+
+def broadcast_from_main(value, processes: Processes):
+    """Rank 0's `value` on every rank (all ranks call it; small picklable values). Also a barrier
+    with the slow-work timeout: the others wait here, not in a training collective, while rank 0
+    does long work before it (writing a checkpoint, say)."""
+    if not processes.distributed:
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=0, group=processes.control)
+    return values[0]
+
+
+def wait_for_main(processes: Processes) -> None:
+    """A barrier with the slow-work timeout (see the module docstring)."""
+    if processes.distributed:
+        dist.barrier(group=processes.control)
 
 
 @contextmanager
 def main_process_first(processes: Processes):
-    """Rank 0 runs the block first (writing a dataset generated on first use, say); the others
-    run it after, when its results are on disk."""
+    """Rank 0 runs the block first (writing a dataset generated on first use, scanning a tree); the
+    others run it after, when its results are on disk. They wait with the slow-work timeout."""
     if not processes.is_main:
-        barrier()
+        wait_for_main(processes)
     yield
     if processes.is_main:
-        barrier()
+        wait_for_main(processes)
 
 
-def gather_objects(value) -> list:
-    """`value` of every rank, in rank order (all ranks call it)."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
+class Agreement:
+    """Flags that every rank agrees on, without a host sync or a wait in the step.
+
+    Every rank `send`s its flags at the same point of the loop: that starts an all-reduce (MAX: any
+    rank's flag counts) on the CPU-side control group in the background. At the next such point
+    every rank `receive`s the result, which has long finished by then: so every rank acts on the
+    same flags at the same step, one step after they were raised. `settle` is the blocking form,
+    for the places that are collective anyway (the end of an epoch, start-up); it takes in a result
+    still pending. One process needs none of this: the callers decide at once.
+    """
+
+    def __init__(self, processes: Processes, size: int):
+        self.processes = processes
+        self.size = size
+        self._pending: tuple[torch.Tensor, dist.Work] | None = None
+
+    def send(self, flags: list[bool]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("Agreement.send: the previous flags were not received")
+        tensor = torch.tensor(flags, dtype=torch.uint8)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.processes.control, async_op=True)
+        self._pending = (tensor, work)
+
+    def receive(self) -> list[bool]:
+        """The agreed flags of the last `send`; all False when nothing was sent since."""
+        if self._pending is None:
+            return [False] * self.size
+        tensor, work = self._pending
+        self._pending = None
+        self._wait(work)
+        return [bool(v) for v in tensor.tolist()]
+
+    def settle(self, flags: list[bool]) -> list[bool]:
+        """The pending flags OR these, agreed now."""
+        tensor = torch.tensor([a or b for a, b in zip(self.receive(), flags, strict=True)], dtype=torch.uint8)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.processes.control, async_op=True)
+        self._wait(work)
+        return [bool(v) for v in tensor.tolist()]
+
+    def _wait(self, work: dist.Work) -> None:
+        try:
+            work.wait(timeout=self.processes.timeout)
+        except RuntimeError as error:
+            raise_if_timeout(error, self.processes)
+            raise
 
 
-def broadcast_flags(*flags: bool) -> tuple[bool, ...]:
-    """Rank 0's `flags` on every rank, so that all take the same branch around a collective."""
-    if not dist.is_initialized():
-        return flags
-    values = list(flags)
-    dist.broadcast_object_list(values, src=0)
-    return tuple(bool(v) for v in values)
+# --------------------------------------------------------------------------------------------------
+# Naming a rank that stopped responding
+# --------------------------------------------------------------------------------------------------
+class RankUnresponsive(UserError):
+    """Some rank stopped taking part in the job's collectives; the message names it."""
+
+
+def is_timeout(error: BaseException) -> bool:
+    # gloo: "Timed out waiting 600000ms for recv operation"; Work.wait: "Operation timed out!"
+    return isinstance(error, RuntimeError) and "timed out" in str(error).lower()
+
+
+def raise_if_timeout(error: BaseException, processes: Processes) -> None:
+    """After a collective timed out on this rank: raise RankUnresponsive naming the ranks that did
+    not answer (every healthy rank times out at about the same moment and answers)."""
+    if not (processes.distributed and is_timeout(error)):
+        return
+    try:
+        missing = unresponsive_ranks(processes, grace=min(processes.timeout, timedelta(minutes=1)))
+    except Exception:  # noqa: BLE001 - the store itself is gone (rank 0 died under SLURM): say so below
+        missing = None
+    waited = f"a collective waited {_waited(error, processes)} for"
+    if missing is None:
+        who = "the rendezvous store is unreachable too: rank 0 or the launcher is gone"
+        raise RankUnresponsive(f"rank {processes.rank}: {waited} the other ranks and {who}") from error
+    if not missing:
+        raise RankUnresponsive(
+            f"rank {processes.rank}: {waited} a peer, yet every rank answers now: a network stall or a rank "
+            "briefly stuck in I/O; the last checkpoint is intact and the same command resumes from it"
+        ) from error
+    names = ", ".join(_describe_rank(rank) for rank in missing)
+    raise RankUnresponsive(
+        f"{names} stopped responding: {waited} it (hung, dead, or stuck in I/O); the job stops. "
+        "The last checkpoint is intact and the same command resumes from it"
+    ) from error
+
+
+def _waited(error: BaseException, processes: Processes) -> str:
+    """How long the timed-out collective waited, and the setting that says so: gloo's message has
+    the milliseconds; a wait for slow work (rank 0's scan or save) has the longer timeout."""
+    found = re.search(r"(\d+)\s*ms", str(error))
+    minutes = int(found.group(1)) / 60_000 if found else processes.timeout.total_seconds() / 60
+    if minutes > processes.timeout.total_seconds() / 60 * 1.01:
+        return f"{minutes:g} min (trainer.slow_work_timeout_minutes)"
+    return f"{minutes:g} min (trainer.dist_timeout_minutes)"
+
+
+def unresponsive_ranks(processes: Processes, grace: timedelta) -> list[int]:
+    """The ranks that do not check in within `grace`, through the rendezvous store (this rank
+    checks in too: the others may be asking at the same time)."""
+    store = _store()
+    store.set(_RESPONSIVE_KEY.format(processes.rank), "1")
+    waiting = {rank for rank in range(processes.world_size) if rank != processes.rank}
+    deadline = time.monotonic() + grace.total_seconds()
+    while waiting and time.monotonic() < deadline:
+        waiting = {rank for rank in waiting if not store.check([_RESPONSIVE_KEY.format(rank)])}
+        time.sleep(0.2)
+    return sorted(waiting)
+
+
+def _describe_rank(rank: int) -> str:
+    try:
+        info = json.loads(_store().get(_RANK_KEY.format(rank)))
+        return f"rank {rank} (pid {info['pid']} on {info['host']})"
+    except Exception:  # noqa: BLE001 - the description is a courtesy
+        return f"rank {rank}"

@@ -5,6 +5,9 @@ written here because timm's EMA keeps a deep copy of the module, and an FSDP2-sh
 refuses to be deep-copied. This one keeps only the tensors, shaped like the model's own (whole
 tensors, or each rank's shard under FSDP), and is evaluated and saved by swapping its values into
 the model for a moment: one code path for one process, DDP and FSDP, and no second module in memory.
+For sharded checkpoints, `state_dict` names the same tensors like the model's state dict, as
+DTensors over this rank's shards under FSDP: `torch.distributed.checkpoint` then saves and loads
+them in place, resharding across world sizes like the model's own weights.
 """
 
 from __future__ import annotations
@@ -26,6 +29,24 @@ class WeightEma:
     def update(self, model: nn.Module) -> None:
         torch._foreach_lerp_(self.shadow, _averaged(model), 1.0 - self.decay)
 
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The averaged tensors by the model's names; views of the EMA's own storage (loading into
+        them loads the EMA). Under FSDP each is a DTensor of this rank's shard, placed like the
+        model's parameter."""
+        named = {}
+        for (name, tensor), shadow in zip(_named_averaged(model), self.shadow, strict=True):
+            if isinstance(tensor, DTensor):
+                shadow = DTensor.from_local(
+                    shadow,
+                    tensor.device_mesh,
+                    tensor.placements,
+                    run_check=False,
+                    shape=tensor.shape,
+                    stride=tensor.stride(),
+                )
+            named[name] = shadow
+        return named
+
     @contextmanager
     @torch.no_grad()
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -41,9 +62,14 @@ class WeightEma:
             torch._foreach_copy_(tensors, trained)
 
 
-def _averaged(model: nn.Module) -> list[torch.Tensor]:
+def _named_averaged(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The parameters and floating-point buffers, in a fixed order (integer buffers such as
-    BatchNorm's counter are not averaged; ConvNeXt has none). Of an FSDP-sharded tensor, this
-    rank's shard: a view of the parameter's own storage, which the in-place updates write through."""
-    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-    return [t.to_local() if isinstance(t, DTensor) else t.data for t in tensors]
+    BatchNorm's counter are not averaged; ConvNeXt has none)."""
+    buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+    return [*model.named_parameters(), *buffers]
+
+
+def _averaged(model: nn.Module) -> list[torch.Tensor]:
+    """Of an FSDP-sharded tensor, this rank's shard: a view of the parameter's own storage, which
+    the in-place updates write through."""
+    return [t.to_local() if isinstance(t, DTensor) else t.data for _, t in _named_averaged(model)]

@@ -1,8 +1,9 @@
-"""One training epoch and one evaluation pass: the loop, readable top to bottom.
+"""One optimizer step of the recipe and one evaluation pass: pure functions of the parts they are
+given (`parts.TrainParts`), returning numbers. The epoch loop that calls them is the trainer's.
 
-No host synchronisation inside a step: losses stay on the device and are read every
-`trainer.log_every` steps (and before a checkpoint is written, so a non-finite loss never
-reaches a checkpoint).
+No host synchronisation inside a step: losses stay on the device in a `LossWindow` and are read
+when the trainer logs (and before a checkpoint is written, so a non-finite loss never reaches a
+checkpoint).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,64 +19,35 @@ from torch import nn
 from convnext_train.distributed import all_reduce_sum
 from convnext_train.errors import UserError
 from convnext_train.optim import set_lr
-
-if TYPE_CHECKING:
-    from convnext_train.trainer import Run
+from convnext_train.parts import TrainParts
 
 
-def train_one_epoch(run: Run, epoch: int) -> None:
-    """Optimizer steps of `epoch` from where `run.state` stands (mid-epoch after a resume)."""
-    t, state = run.cfg.trainer, run.state
-    first_step = state.step - epoch * run.steps_per_epoch
-    run.train_start_at(epoch, first_step * run.samples_per_step_per_rank)
-    run.forward.train()
-    batches = iter(run.train_loader)
-    window = LossWindow(run.device, state.step)
-    progress = run.progress(epoch, first_step)
-    for _ in range(first_step, run.steps_per_epoch):
-        lr = optimizer_step(run, batches, window)
-        progress.update()
-        # The clock is read at log steps only: deciding to checkpoint is collective across ranks,
-        # and log steps already synchronise with the device.
-        if state.step % t.log_every == 0:
-            run.log_training(window.read_and_reset(state.step), lr, progress)
-            if run.checkpoint_due():
-                run.save_checkpoint(epoch)
-                if run.stopping:  # preempted: the checkpoint is written, leave now
-                    break
-    if window.count and not run.stopping:  # the epoch's last steps since the previous row
-        run.log_training(window.read_and_reset(state.step), run.lr_at(state.step - 1), progress)
-    window.raise_if_non_finite()
-    progress.close()
-
-
-def optimizer_step(run: Run, batches: Iterator, window: LossWindow) -> float:
-    """One step of the recipe: `run.accumulation` micro-batches of forward and backward, then the
-    AdamW update at lr(step) and the EMA update. Returns the lr it used."""
-    lr = run.lr_at(run.state.step)
-    set_lr(run.optimizer, lr)
-    for micro in range(run.accumulation):
+def optimizer_step(parts: TrainParts, batches: Iterator, window: LossWindow, step: int) -> float:
+    """Optimizer step `step` of the recipe: `parts.accumulation` micro-batches of forward and
+    backward, then the AdamW update at lr(step) and the EMA update. Returns the lr it used."""
+    lr = parts.lr_at(step)
+    set_lr(parts.optimizer, lr)
+    for micro in range(parts.accumulation):
         images, targets, replaced = next(batches)
         window.skipped_images += int(replaced.sum())  # a CPU tensor: no device sync
-        images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
-        targets = targets.to(run.device, non_blocking=True)
-        if run.mixup is not None:
-            images, targets = run.mixup(images, targets)
+        images = images.to(parts.device, non_blocking=True, memory_format=parts.memory_format)
+        targets = targets.to(parts.device, non_blocking=True)
+        if parts.mixup is not None:
+            images, targets = parts.mixup(images, targets)
         # Gradients are all-reduced across processes once per step, on the last micro-batch.
-        with run.no_sync() if micro < run.accumulation - 1 else contextlib.nullcontext():
-            with run.autocast():
-                loss = run.criterion(run.forward(images), targets)
-            run.scaler.scale(loss / run.accumulation).backward()
-        window.add(loss.detach(), run.state.step)
-    if run.cfg.trainer.clip_grad:
-        run.scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.trainer.clip_grad)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update(run.model)
-    run.state.step += 1
+        with parts.no_sync() if micro < parts.accumulation - 1 else contextlib.nullcontext():
+            with parts.autocast():
+                loss = parts.criterion(parts.forward(images), targets)
+            parts.scaler.scale(loss / parts.accumulation).backward()
+        window.add(loss.detach(), step)
+    if parts.clip_grad:
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.ema is not None:
+        parts.ema.update(parts.model)
     return lr
 
 

@@ -22,7 +22,7 @@ from convnext_train.data.datasets import build_val_loader
 from convnext_train.engine import evaluate
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
-from convnext_train.trainer import autocast, resolve_device
+from convnext_train.runtime import autocast, resolve_device
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:

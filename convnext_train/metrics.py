@@ -2,13 +2,17 @@
 optionally Weights & Biases (`logger=wandb`).
 
 metrics.jsonl is the record the plot and the tests read; W&B mirrors it. A resumed run drops the
-rows logged after the checkpoint it resumes from, because it is about to log those steps again.
+rows logged after the checkpoint it resumes from, because it is about to log those steps again, and
+rewinds the W&B run to that step likewise (`resume_from="<id>?_step=<N>"`) when there were such rows.
+W&B's rewind is a preview feature that a server may refuse: the run then resumes without it (a
+warning says so), and W&B shows the dropped steps twice.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -60,11 +64,15 @@ class RunLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._run_dir = run_dir
         metrics_path = run_dir / METRICS_FILE
-        if resume_step is not None:
-            _drop_rows_after(metrics_path, resume_step)
+        kept, dropped = _rows_up_to(metrics_path, resume_step) if resume_step is not None else ([], 0)
         # W&B first: when it cannot start, metrics.jsonl is left as it was.
         if name == "wandb":
-            self._wandb_run = _start_wandb_run(run_dir, logger_cfg, config, resuming=resume_step is not None)
+            rewind_to = resume_step if dropped else None
+            self._wandb_run = _start_wandb_run(
+                run_dir, logger_cfg, config, resuming=resume_step is not None, rewind_to=rewind_to
+            )
+        if dropped:
+            write_text_atomically(metrics_path, "".join(line + "\n" for line in kept))
         # Flushed after every row (see log): a killed run keeps every row it logged.
         self._metrics_file = metrics_path.open("a" if resume_step is not None else "w", encoding="utf-8")
 
@@ -128,11 +136,13 @@ def _complete_lines(path: Path) -> list[str]:
     return [line for line in complete if line.strip()]
 
 
-def _drop_rows_after(metrics_path: Path, resume_step: int) -> None:
+def _rows_up_to(metrics_path: Path, resume_step: int) -> tuple[list[str], int]:
+    """(the rows up to `resume_step`, how many lines come after them), a torn last line included."""
     if not metrics_path.exists():
-        return
+        return [], 0
+    text = metrics_path.read_text(encoding="utf-8")
     kept = [line for line in _complete_lines(metrics_path) if json.loads(line)["step"] <= resume_step]
-    write_text_atomically(metrics_path, "".join(line + "\n" for line in kept))
+    return kept, len([line for line in text.split("\n") if line.strip()]) - len(kept)
 
 
 def _plain_value(value: Any) -> Any:
@@ -141,7 +151,9 @@ def _plain_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _start_wandb_run(run_dir: Path, logger_cfg: Mapping[str, Any], config: dict, *, resuming: bool) -> wandb.Run:
+def _start_wandb_run(
+    run_dir: Path, logger_cfg: Mapping[str, Any], config: dict, *, resuming: bool, rewind_to: int | None
+) -> wandb.Run:
     # Imported here so that `logger=none` never loads wandb (slow to import, and it patches stdout).
     try:
         import wandb
@@ -151,22 +163,34 @@ def _start_wandb_run(run_dir: Path, logger_cfg: Mapping[str, Any], config: dict,
         ) from error
 
     run_id = _wandb_run_id(run_dir, resuming=resuming)
+    settings = dict(
+        project=logger_cfg.get("project"),
+        entity=logger_cfg.get("entity"),
+        name=logger_cfg.get("run_name"),
+        tags=list(logger_cfg.get("tags") or []),
+        config=config,
+        dir=run_dir,
+    )
     try:
-        return wandb.init(
-            project=logger_cfg.get("project"),
-            entity=logger_cfg.get("entity"),
-            name=logger_cfg.get("run_name"),
-            tags=list(logger_cfg.get("tags") or []),
-            config=config,
-            dir=run_dir,
-            id=run_id,
-            resume="allow",
-        )
+        if rewind_to is not None:
+            try:
+                return wandb.init(**settings, resume_from=f"{run_id}?_step={rewind_to}")
+            except Exception as error:  # noqa: BLE001 - a server without the rewind preview: resume plainly
+                warnings.warn(
+                    f"W&B could not rewind run {run_id} to step {rewind_to} ({_first_line(error)}); it resumes "
+                    "without rewinding, so W&B shows the steps logged after that checkpoint twice",
+                    stacklevel=2,
+                )
+        return wandb.init(**settings, id=run_id, resume="allow")
     except Exception as error:  # wandb raises many types (no login, no network, bad entity); all need the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"W&B could not start a run ({reason}); run `wandb login`, or set WANDB_MODE=offline, or use logger=none"
+            f"W&B could not start a run ({_first_line(error)}); run `wandb login`, or set WANDB_MODE=offline, "
+            "or use logger=none"
         ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _wandb_run_id(run_dir: Path, *, resuming: bool) -> str:

@@ -664,7 +664,7 @@ FFCV_RUN = [
     "trainer.micro_batch_size=16",
     "trainer.precision=fp32",
     "trainer.log_every=1",
-    "trainer.checkpoint_every_minutes=0.0001",
+    "checkpoint.every_minutes=0.0001",
     "scheduler.warmup_epochs=1",
     "ema.decay=0.9",
 ]

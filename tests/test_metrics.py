@@ -261,13 +261,14 @@ def test_wandb_offline_run_gets_the_rows_and_summary(tmp_path, wandb_offline):
     assert read_metrics(run_dir) == rows  # metrics.jsonl is written as well
 
 
-def test_resumed_wandb_logger_continues_the_same_run(tmp_path, wandb_offline):
+def test_resumed_wandb_logger_rewinds_the_same_run_to_the_checkpoint(tmp_path, wandb_offline):
     run_dir = tmp_path / "run"
     with RunLogger(run_dir, WANDB_LOGGER, config=CONFIG) as logger:
         logger.log(train_row(10, 0))
         logger.log(train_row(20, 0))
     run_id = (run_dir / WANDB_RUN_ID_FILE).read_text().strip()
 
+    # Resumed from the checkpoint at step 10: step 20 was logged after it and is about to be again.
     with RunLogger(run_dir, WANDB_LOGGER, config=CONFIG, resume_step=10) as logger:
         logger.log(train_row(20, 0))
         logger.log(train_row(30, 1))
@@ -275,8 +276,18 @@ def test_resumed_wandb_logger_continues_the_same_run(tmp_path, wandb_offline):
     first, resumed = offline_runs(run_dir, run_id)
     assert [row["_step"] for row in wandb_history(first)] == [10, 20]
     assert [row["_step"] for row in wandb_history(resumed)] == [20, 30]
-    assert wandb_run_record(resumed).run_id == run_id
+    record = wandb_run_record(resumed)
+    assert record.run_id == run_id
+    # The run is rewound to the checkpoint's step when synced (resume_from="<id>?_step=10").
+    assert (record.branch_point.run, record.branch_point.metric, record.branch_point.value) == (run_id, "_step", 10)
     assert [row["step"] for row in read_metrics(run_dir)] == [10, 20, 30]
+
+    # Stopped right after a checkpoint (a preemption): nothing to rewind, the run simply goes on.
+    with RunLogger(run_dir, WANDB_LOGGER, config=CONFIG, resume_step=30) as logger:
+        logger.log(train_row(40, 2))
+    *_, plain = offline_runs(run_dir, run_id)
+    assert wandb_run_record(plain).run_id == run_id and not wandb_run_record(plain).branch_point.run
+    assert [row["_step"] for row in wandb_history(plain)] == [40]
 
 
 def test_fresh_wandb_logger_starts_a_new_run(tmp_path, wandb_offline):

@@ -30,9 +30,9 @@ from torchvision import transforms
 from convnext_train.config import validate_train_config
 from convnext_train.data.transforms import train_transform
 from convnext_train.models import ConvNeXt
+from convnext_train.parts import peak_lr
 from convnext_train.recipes import END, START, compose_config, markdown_table, recipes
 from convnext_train.schedule import cosine_lr
-from convnext_train.trainer import peak_lr
 
 ABSENT = object()  # a key the composed config must not have
 

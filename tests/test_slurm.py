@@ -25,8 +25,8 @@ EXACT = [
     "aug=none",
     "model.drop_path_rate=0",
     "trainer.epochs=3",
-    "trainer.keep_last=100",
-    "trainer.checkpoint_every_minutes=0.0001",
+    "checkpoint.keep_last=100",
+    "checkpoint.every_minutes=0.0001",
 ]
 FINISHED = {
     "COMPLETED",

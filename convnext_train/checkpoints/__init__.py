@@ -8,7 +8,8 @@ a torch file may only unpickle tensors and a few harmless types unless it is tru
 
 Modules, each importing only those before it:
 - `errors`: CheckpointError, the one-line error everything here raises;
-- `files`: reading a file onto the CPU (safe unpickling) and saving one atomically;
+- `sharded`: a sharded training checkpoint (a torch.distributed.checkpoint directory) read whole;
+- `files`: reading a file or such a directory onto the CPU (safe unpickling) and saving one atomically;
 - `layouts`: the timm, Hugging Face and FCMAE layouts, to and from the official one, and detecting them;
 - `weights`: finding the weights in a checkpoint and loading them into our models;
 - `export`: writing a model as a Hugging Face `from_pretrained` directory.

@@ -2,7 +2,8 @@
 
 What a file holds is not looked at here beyond what reading it needs: the weights inside are found by
 `weights.py` and renamed by `layouts.py`. A new way to read (a Hugging Face model directory, say)
-belongs in `read_checkpoint`, which today refuses directories.
+belongs in `read_checkpoint`, which today takes sharded checkpoint directories (`sharded.py`) and
+refuses other directories.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from convnext_train.atomic import write_atomically
 from convnext_train.checkpoints.errors import CheckpointError
+from convnext_train.checkpoints.sharded import UnsafeMetadata, is_sharded_checkpoint, read_sharded
 
 try:  # numpy >= 2 moved `numpy.core` to `numpy._core`
     from numpy._core.multiarray import scalar as _numpy_scalar
@@ -51,24 +53,29 @@ _SAFE_GLOBALS: list[Any] = [
 _LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 
-def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
-    """Read a `.safetensors` or torch checkpoint onto the CPU.
+def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False, mmap: bool = False) -> dict:
+    """Read a `.safetensors` or torch checkpoint, or a sharded checkpoint directory, onto the CPU.
 
     Torch files are unpickled with `weights_only=True` plus the allow-list above, because a pickle
     can run arbitrary code. `trusted=True` (`eval.trust_checkpoint=true`, `finetune.trust_checkpoint=true`) lifts that restriction
-    for files whose source you trust.
+    for files whose source you trust. `mmap=True` maps a torch file's tensors instead of reading
+    them: a resume reads only what it loads, and the processes of a node share the page cache.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint file {path} does not exist; check the path and that the download finished.")
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         raise CheckpointError(f"Checkpoint path {path} is a directory; pass the weights file inside it instead.")
     try:
+        if path.is_dir():
+            return read_sharded(path, lambda meta: _read_torch_file(meta, trusted, mmap=False), trusted=trusted)
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(path, device="cpu")
-        return _read_torch_file(path, trusted)
+        return _read_torch_file(path, trusted, mmap)
     except CheckpointError:
         raise
+    except UnsafeMetadata as error:
+        raise CheckpointError(_unsafe_message(f"Checkpoint directory {path}", f" ({error.global_name})")) from None
     except PermissionError as error:
         raise CheckpointError(
             f"Checkpoint file {path} cannot be read ({error.strerror}); fix its permissions."
@@ -81,10 +88,10 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False) -> dict:
         ) from error
 
 
-def _read_torch_file(path: Path, trusted: bool) -> dict:
+def _read_torch_file(path: Path, trusted: bool, mmap: bool) -> dict:
     if trusted:
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=False)
+            loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         except (ModuleNotFoundError, AttributeError) as error:
             raise CheckpointError(
                 f"Checkpoint file {path} pickles Python objects from code that is not installed here "
@@ -93,16 +100,11 @@ def _read_torch_file(path: Path, trusted: bool) -> dict:
     else:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except pickle.UnpicklingError:
                 if not _is_intact_torch_file(path):
                     raise  # reported as truncated or corrupt by the caller
-                raise CheckpointError(
-                    f"Checkpoint file {path} contains pickled Python objects{_unsafe_globals_note(path)} "
-                    "that could run arbitrary code when loaded; if you trust its source, set "
-                    "eval.trust_checkpoint=true for eval.py, finetune.trust_checkpoint=true for train.py "
-                    "(trusted=True in Python)."
-                ) from None
+                raise CheckpointError(_unsafe_message(f"Checkpoint file {path}", _unsafe_globals_note(path))) from None
     # `torch.save(model)` pickles the whole module; only its weights are needed.
     if isinstance(loaded, nn.Module):
         return loaded.state_dict()
@@ -112,6 +114,14 @@ def _read_torch_file(path: Path, trusted: bool) -> dict:
             "state_dict() (or a dict containing it) instead."
         )
     return dict(loaded)
+
+
+def _unsafe_message(what: str, globals_note: str) -> str:
+    return (
+        f"{what} contains pickled Python objects{globals_note} that could run arbitrary code when loaded; if "
+        "you trust its source, set eval.trust_checkpoint=true for eval.py, finetune.trust_checkpoint=true for "
+        "train.py (trusted=True in Python)."
+    )
 
 
 def _is_intact_torch_file(path: Path) -> bool:

@@ -8,8 +8,7 @@ device (FFCV: decoded and augmented there).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
@@ -17,20 +16,11 @@ import torch
 from omegaconf import DictConfig
 
 from convnext_train.data.imagefolder import ImageFolderDataset, check_class_count, train_and_val_datasets
-from convnext_train.data.loaders import EpochSampler, SeededSamples, make_loader
+from convnext_train.data.loaders import EpochSampler, Loaders, SeededSamples, make_loader
 from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.errors import UserError
 
 KINDS = ("imagefolder", "digits", "synthetic", "ffcv")
-
-
-@dataclass
-class Loaders:
-    train: Iterable  # micro-batches of (images, targets, replaced) for this process
-    train_length: int  # images in the whole training set (all processes)
-    # (epoch, samples this process has already consumed in it): where the next pass over `train` starts
-    start_at: Callable[[int, int], None]
-    val: Iterable | None  # this process's shard of the validation set; None: no validation split
 
 
 def build_loaders(

@@ -10,12 +10,22 @@ uninterrupted one, whatever the number of worker processes:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass
+class Loaders:
+    train: Iterable  # micro-batches of (images, targets, replaced) for this process
+    train_length: int  # images in the whole training set (all processes)
+    # (epoch, samples this process has already consumed in it): where the next pass over `train` starts
+    start_at: Callable[[int, int], None]
+    val: Iterable | None  # this process's shard of the validation set; None: no validation split
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from convnext_train.data.ffcv.batches import OneDecodeAtATime, TrainBatches, ValBatches
 from convnext_train.data.ffcv.betons import check_class_lists, open_beton
 from convnext_train.data.ffcv.library import require_ffcv
+from convnext_train.data.loaders import Loaders
 from convnext_train.errors import UserError
 
 __all__ = ["ffcv_loaders", "ffcv_val_loader"]
@@ -26,7 +27,6 @@ def ffcv_loaders(
     world_size: int = 1,
 ):
     """The training process's loaders over `<data.root>/<train_split>.beton` (and `<val_split>.beton`)."""
-    from convnext_train.data.datasets import Loaders  # datasets.py imports this module lazily: no cycle
 
     require_ffcv()
     train_file = open_beton(data_cfg, data_cfg.train_split)

@@ -1,0 +1,417 @@
+"""The Checkpointer: the one owner of a run's checkpoints (see the package docstring)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from convnext_train import preemption
+from convnext_train.atomic import DiskFullError
+from convnext_train.checkpointing.layout import META_FILE, CheckpointDir, Entry
+from convnext_train.checkpointing.lock import RunLock
+from convnext_train.checkpointing.recipe import check_recipe
+from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from convnext_train.checkpoints.sharded import SafePlanner, SafeReader
+from convnext_train.distributed import Agreement, Processes, broadcast_from_main, gather_objects
+from convnext_train.ema import WeightEma
+from convnext_train.errors import UserError, out_of_space
+from convnext_train.parallelize import all_finite, full_state_dicts, load_full_state_dicts, reshard
+from convnext_train.runtime import reseed_per_rank, restore_rng_state, rng_state
+
+FORMATS = ("auto", "full", "dcp")
+
+
+class NonFiniteWeights(UserError):
+    pass
+
+
+class TrainStateLike(Protocol):
+    step: int
+    epoch: int
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Decision:
+    save: bool
+    stop: bool
+
+
+@dataclass
+class SaveReport:
+    """What one save cost the training loop: its row in metrics.jsonl."""
+
+    step: int
+    name: str
+    seconds: float  # the loop's wait (for an async save: until its tensors were staged)
+    peak_rss_mb: float | None  # this process's resident memory above where it stood before the save
+
+    def row(self) -> dict[str, Any]:
+        row = {"step": self.step, "checkpoint_seconds": self.seconds}
+        if self.peak_rss_mb is not None:  # Linux only
+            row["checkpoint_peak_rss_mb"] = self.peak_rss_mb
+        return row
+
+
+def resolve_format(name: str, strategy: str, world_size: int) -> str:
+    """`auto`: sharded (DCP) under FSDP on several processes, where a full file would gather the
+    whole model and optimizer state into rank 0's memory; one full file otherwise."""
+    if name != "auto":
+        return name
+    return "dcp" if strategy == "fsdp" and world_size > 1 else "full"
+
+
+class Checkpointer:
+    """Built before any compute: takes the run directory's lock, sweeps what a killed job left,
+    finds the checkpoint to resume from and checks its recipe against the current config. Then
+    `track` the run's parts once, `load_latest`, and in the loop `poll` after every optimizer step
+    and `save` when it says so (and at every epoch end); `finish` at the end."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, processes: Processes, *, ignored_keys: Sequence[str]):
+        c = cfg.checkpoint
+        self.processes = processes
+        self.directory = CheckpointDir(Path(run_dir) / "checkpoints", keep_last=c.keep_last)
+        self.format = resolve_format(c.format, cfg.trainer.strategy, processes.world_size)
+        self.async_save = bool(c.async_save)
+        self.every_seconds = 60 * c.every_minutes
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.seed = cfg.trainer.seed
+        self.signals = preemption.install()
+        self.lock = RunLock(Path(run_dir))
+        self._agreement = Agreement(processes, 2)  # [stop requested, save due]
+        self._cached: dict[str, Any] | None = None  # rank 0's read of the latest checkpoint
+        self._pending = None  # an async save in flight: (future, temporary, step, links)
+        self._parts: dict[str, Any] = {}
+        self._last_save_time = time.monotonic()
+        found, problem = None, None
+        if processes.is_main:
+            try:
+                found = self._open(cfg, ignored_keys)
+            except UserError as error:
+                problem = error
+        shared = broadcast_from_main((found, None if problem is None else str(problem)), processes)
+        if problem is not None:
+            raise problem
+        if shared[1] is not None:
+            raise UserError(shared[1])
+        self.resume_entry: Entry | None = None if shared[0] is None else Entry(shared[0][0], Path(shared[0][1]))
+        self.changes: dict[str, tuple] = {} if shared[0] is None else shared[0][2]
+
+    def _open(self, cfg: DictConfig, ignored_keys: Sequence[str]):
+        """Rank 0's part of opening the run directory; the others wait for its outcome."""
+        self.lock.acquire()
+        if not self.directory.directory.is_dir():
+            return None
+        swept = self.directory.sweep_temporaries()
+        if swept:
+            print(f"removed {swept} temporary file(s) a killed job left in {self.directory.directory}", flush=True)
+        latest = self.directory.latest()
+        if latest is None:
+            return None
+        entry, self._cached = latest
+        changes = check_recipe(
+            self._cached["config"],
+            self.config,
+            ignored=ignored_keys,
+            allowed=list(cfg.checkpoint.allow_changes or []),
+            where=f"the checkpoint {entry.path} (step {self._cached['step']})",
+        )
+        return entry.step, str(entry.path), changes
+
+    # ----------------------------------------------------------------------------------------------
+    # The run's parts
+    # ----------------------------------------------------------------------------------------------
+    def track(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: WeightEma | None,
+        scaler: torch.amp.GradScaler,
+        train_state: TrainStateLike,
+    ) -> None:
+        self._parts = {"model": model, "optimizer": optimizer, "ema": ema, "scaler": scaler, "state": train_state}
+
+    def load_latest(self) -> bool:
+        """Restore every tracked part from the checkpoint found at start-up; False for a fresh run."""
+        entry = self.resume_entry
+        if entry is None:
+            return False
+        p = self._parts
+        meta = self._cached if self._cached is not None else self.directory.read(entry)
+        self._cached = None
+        try:
+            if entry.sharded:
+                self._load_sharded(entry)
+            else:
+                load_full_state_dicts(p["model"], p["optimizer"], meta["model"], meta["optimizer"])
+                if p["ema"] is not None and "model_ema" in meta:
+                    with p["ema"].swapped_into(p["model"]):
+                        load_full_state_dicts(p["model"], None, meta["model_ema"], None)
+            p["scaler"].load_state_dict(meta["scaler"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AssertionError, CheckpointException) as error:
+            raise CheckpointError(
+                f"the run directory's checkpoint {entry.path} does not fit this config ({_short(error)}); "
+                "use another hydra.run.dir or move its checkpoints/ away to start afresh"
+            ) from error
+        rng_per_rank = meta["rng"]
+        if len(rng_per_rank) == self.processes.world_size:
+            restore_rng_state(rng_per_rank[self.processes.rank])
+        else:
+            reseed_per_rank(self.seed, self.processes, resumed_at_step=meta["step"])
+        p["state"].load_state_dict(meta["train_state"])
+        self._last_save_time = time.monotonic()
+        return True
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """The tensors of a sharded checkpoint, as views of the parts' own storage (this rank's
+        shards under FSDP): saving reads them, loading writes into them."""
+        p = self._parts
+        reshard(p["model"])
+        state = {
+            "model": get_model_state_dict(p["model"]),
+            "optimizer": get_optimizer_state_dict(p["model"], p["optimizer"]),
+        }
+        if p["ema"] is not None:
+            state["model_ema"] = p["ema"].state_dict(p["model"])
+        return state
+
+    def _load_sharded(self, entry: Entry) -> None:
+        p = self._parts
+        # get_optimizer_state_dict creates the optimizer's state with a zero-lr step, which it skips
+        # when gradients are present.
+        p["optimizer"].zero_grad(set_to_none=True)
+        state = self._sharded_state()
+        dcp.load(
+            state,
+            storage_reader=SafeReader(entry.path),
+            planner=SafePlanner(),
+            process_group=self.processes.checkpointing,
+            no_dist=not self.processes.distributed,
+        )
+        set_model_state_dict(p["model"], state["model"])
+        set_optimizer_state_dict(p["model"], p["optimizer"], state["optimizer"])
+
+    # ----------------------------------------------------------------------------------------------
+    # The loop's calls
+    # ----------------------------------------------------------------------------------------------
+    def poll(self) -> Decision:
+        """After every optimizer step: save now (the clock, a stop request)? Stop after it? Every
+        rank gets the same answer at the same step without a host sync (distributed.Agreement): a
+        request or the clock is acted on one step after it was seen. After a `save` decision the
+        caller calls `save` (or skips it for a save that follows anyway, the epoch end's)."""
+        if not self.processes.distributed:
+            requested = self.signals.requested
+            return Decision(save=requested or self._clock_due(), stop=requested)
+        stop, due = self._agreement.receive()
+        if not (stop or due):
+            self._send_flags()  # a save sends its own, once it is done
+        return Decision(save=stop or due, stop=stop)
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop, agreed now (a blocking collective: epoch ends, start-up)."""
+        if not self.processes.distributed:
+            return self.signals.requested
+        return self._agreement.settle([self.signals.requested, False])[0]
+
+    def _clock_due(self) -> bool:
+        return time.monotonic() - self._last_save_time >= self.every_seconds
+
+    def _send_flags(self) -> None:
+        # Rank 0's clock decides when to save; any rank's stop request counts.
+        self._agreement.send([self.signals.requested, self.processes.is_main and self._clock_due()])
+
+    @property
+    def stop_signal(self) -> str:
+        return self.signals.signal_name or "a stop request on another rank"
+
+    def save(self, *, best: Sequence[str] = ()) -> SaveReport:
+        """Write a checkpoint of the tracked parts at the train state's step (every rank calls it).
+        `best`: link names (`best`, `best_ema`) to point at it."""
+        p = self._parts
+        # A finite loss can still leave non-finite weights behind (the update after it diverged):
+        # such weights must never replace the last good checkpoint.
+        if not all_finite(p["model"]):
+            raise NonFiniteWeights(
+                f"the weights became non-finite by step {p['state'].step}; the run stopped and the last "
+                "checkpoint before it is kept. Lower optimizer.lr or set trainer.clip_grad"
+            )
+        self._agreement.receive()  # flags sent before a save are about the time before it
+        self._finish_pending()
+        started = time.perf_counter()
+        self._last_save_time = time.monotonic()  # the interval runs from save to save start
+        name, peak = _measure_peak_rss(lambda: self._save(list(best)))
+        if self.processes.distributed:
+            self._send_flags()
+        return SaveReport(step=p["state"].step, name=name, seconds=time.perf_counter() - started, peak_rss_mb=peak)
+
+    def finish(self) -> None:
+        """Publish an async save still in flight (every rank calls it), then release the lock."""
+        if self.processes.distributed:
+            self._agreement.receive()
+        self._finish_pending()
+        self.lock.release()
+
+    def _meta(self) -> dict[str, Any]:
+        p = self._parts
+        return {
+            "step": p["state"].step,
+            "epoch": p["state"].epoch,
+            "config": self.config,
+            "train_state": p["state"].state_dict(),
+            "scaler": p["scaler"].state_dict(),
+            "rng": gather_objects(rng_state(), self.processes),  # one entry per rank
+        }
+
+    def _save(self, best: list[str]) -> str:
+        step = self._parts["state"].step
+        return self._save_sharded(step, best) if self.format == "dcp" else self._save_full(step, best)
+
+    def _save_full(self, step: int, best: list[str]) -> str:
+        p = self._parts
+        # Collectives (gathers under FSDP): every rank takes part; rank 0 receives the whole tensors.
+        weights, optimizer_state = full_state_dicts(p["model"], p["optimizer"])
+        ema_weights = None
+        if p["ema"] is not None:
+            with p["ema"].swapped_into(p["model"]):
+                # Copies: unsharded, the state dict holds the model's own tensors, which get the
+                # trained weights back when the block ends.
+                ema_weights = {k: v.clone() for k, v in full_state_dicts(p["model"], None)[0].items()}
+        meta = self._meta()
+        outcome = None
+        if self.processes.is_main:
+            checkpoint = {"model": weights, "optimizer": optimizer_state, **meta}  # optimizer keyed by parameter name
+            if ema_weights is not None:
+                checkpoint["model_ema"] = ema_weights
+            try:
+                entry = self.directory.write_full(checkpoint, step)
+                self._publish_links(entry, best)
+                outcome = entry.name
+            except UserError as error:
+                outcome = error
+        return self._shared_outcome(outcome)
+
+    def _save_sharded(self, step: int, best: list[str]) -> str:
+        state, meta = self._sharded_state(), self._meta()
+        temporary = self.directory.sharded_temporary(step)
+        problem = None
+        if self.processes.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)  # an earlier attempt at this step that failed
+            try:  # meta.pt first: the directory is published only when everything is in it
+                save_checkpoint(meta, temporary / META_FILE)
+            except DiskFullError as error:
+                shutil.rmtree(temporary, ignore_errors=True)
+                problem = self.directory.disk_full_message(temporary, error.free_bytes)
+        if (problem := broadcast_from_main(problem, self.processes)) is not None:
+            raise UserError(problem)
+        kwargs = {
+            "checkpoint_id": temporary,
+            "process_group": self.processes.checkpointing,
+            "no_dist": not self.processes.distributed,
+        }
+        if self.async_save:
+            self._pending = (dcp.async_save(state, **kwargs), temporary, step, best)
+            return temporary.name
+        try:
+            dcp.save(state, **kwargs)
+        except CheckpointException as error:
+            return self._shared_outcome(self._failed_sharded(error, temporary) if self.processes.is_main else None)
+        return self._publish_sharded(temporary, step, best)
+
+    def _finish_pending(self) -> None:
+        if self._pending is None:
+            return
+        future, temporary, step, best = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except CheckpointException as error:
+            self._shared_outcome(self._failed_sharded(error, temporary) if self.processes.is_main else None)
+            return
+        self._publish_sharded(temporary, step, best)
+
+    def _publish_sharded(self, temporary: Path, step: int, best: list[str]) -> str:
+        outcome = None
+        if self.processes.is_main:
+            try:
+                self._publish_links(self.directory.publish_sharded(temporary, step), best)
+                outcome = f"step_{step:09d}"
+            except OSError as error:
+                outcome = UserError(f"could not publish the checkpoint {temporary}: {error}")
+        return self._shared_outcome(outcome)
+
+    def _failed_sharded(self, error: CheckpointException, temporary: Path) -> UserError:
+        """Rank 0: remove the partial directory; the message for every rank."""
+        shutil.rmtree(temporary, ignore_errors=True)
+        for failure, _trace in error.failures.values():
+            if out_of_space(failure) is not None:
+                return UserError(self.directory.disk_full_message(temporary, DiskFullError(temporary).free_bytes))
+        rank, (failure, _trace) = next(iter(error.failures.items()))
+        return UserError(f"writing the checkpoint {temporary} failed on rank {rank}: {failure}")
+
+    def _publish_links(self, entry: Entry, best: list[str]) -> None:
+        self.directory.link("last", entry)
+        for name in best:
+            self.directory.link(name, entry)
+        self.directory.prune()
+
+    def _shared_outcome(self, outcome: str | UserError | None) -> str:
+        """Rank 0's outcome (the entry written, or the error) on every rank: all stop together."""
+        shared = broadcast_from_main(
+            outcome if not isinstance(outcome, UserError) else ("error", str(outcome)), self.processes
+        )
+        if isinstance(outcome, UserError):
+            raise outcome
+        if isinstance(shared, tuple):
+            raise UserError(shared[1])
+        return shared
+
+
+def consolidate(source: Path, target: Path) -> None:
+    """A sharded checkpoint directory -> one full checkpoint file (what eval.py, fine-tuning and the
+    release formats read; a run resumes from either), in one process."""
+    save_checkpoint(read_checkpoint(source), target)
+
+
+def _measure_peak_rss(work):
+    """(work(), the process's peak resident memory during it above where it started, in MB).
+    Linux resets the peak (VmHWM) on request; elsewhere the second value is None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        return work(), None
+    result = work()
+    return result, (_status_kb("VmHWM") - before) / 1024
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} is not in /proc/self/status")
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

@@ -1,0 +1,242 @@
+"""The Checkpointer's parts on their own: the run directory's lock (real flock, real processes), the
+recipe check, the checkpoints directory (links, retention, temporaries, unreadable entries), a
+sharded checkpoint read safely, and the agreement between ranks (real gloo processes)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+from convnext_train.checkpointing.layout import CheckpointDir
+from convnext_train.checkpointing.lock import RunDirectoryInUse, RunLock
+from convnext_train.checkpointing.recipe import RecipeChanged, check_recipe, recipe_changes
+from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from convnext_train.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The lock
+# --------------------------------------------------------------------------------------------------
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from convnext_train.checkpointing.lock import RunLock
+RunLock({run_dir!r}).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_holder_is_refused_naming_the_first_and_a_killed_holder_leaves_no_lock(tmp_path):
+    env = {**os.environ, "SLURM_JOB_ID": "4242"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(repo=str(REPO), run_dir=str(tmp_path))],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirectoryInUse) as refused:
+            RunLock(tmp_path).acquire()
+        message = str(refused.value)
+        assert f"pid {holder.pid} on {os.uname().nodename}, SLURM job 4242" in message
+        assert "scancel 4242" in message and "hydra.run.dir" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel dropped the lock with the process: no stale lock to clean up by hand.
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert f'"pid": {os.getpid()}' in (tmp_path / "run.lock").read_text()
+    lock.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe check
+# --------------------------------------------------------------------------------------------------
+SAVED = {
+    "optimizer": {"lr": 0.004, "weight_decay": 0.05},
+    "trainer": {"epochs": 300, "log_every": 50, "keep_last": 2},
+    "data": {"root": "/a", "img_size": 224},
+    "logger": {"name": "none", "project": "x"},
+    "aug": {"scale": [0.08, 1.0]},
+}
+IGNORED = ["data.root", "trainer.log_every", "logger"]
+
+
+def changed(**edits) -> dict:
+    config = {group: dict(values) for group, values in SAVED.items()}
+    for key, value in edits.items():
+        group, name = key.split("__")
+        config[group][name] = value
+    return config
+
+
+def test_where_data_lives_and_how_chatty_the_run_is_are_not_the_recipe():
+    now = changed(data__root="/b", trainer__log_every=1, logger__project="y", logger__name="wandb")
+    del now["trainer"]["keep_last"]  # moved to checkpoint.keep_last since: a legacy key
+    now["optimizer"]["weight_decay"] = 5e-2  # the same value written another way
+    assert recipe_changes(SAVED, now, IGNORED) == {}
+
+
+def test_a_changed_recipe_is_refused_one_line_per_key_and_allowed_on_purpose():
+    now = changed(optimizer__lr=0.002, trainer__epochs=100, aug__scale=[0.5, 1.0])
+    now["optimizer"]["betas"] = [0.9, 0.95]
+    with pytest.raises(RecipeChanged) as refused:
+        check_recipe(SAVED, now, ignored=IGNORED, allowed=[], where="the checkpoint x (step 6)")
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith("the checkpoint x (step 6) was trained with another recipe")
+    assert lines[1:5] == [
+        "  aug.scale: checkpoint [0.08, 1.0], now [0.5, 1.0]",
+        "  optimizer.betas: checkpoint (not set), now [0.9, 0.95]",
+        "  optimizer.lr: checkpoint 0.004, now 0.002",
+        "  trainer.epochs: checkpoint 300, now 100",
+    ]
+    assert "checkpoint.allow_changes=[aug.scale,optimizer.betas,optimizer.lr,trainer.epochs]" in lines[5]
+    allowed = ["aug", "optimizer.betas", "optimizer.lr", "trainer.epochs"]  # a group covers its keys
+    changes = check_recipe(SAVED, now, ignored=IGNORED, allowed=allowed, where="x")
+    assert changes["optimizer.lr"] == (0.004, 0.002) and len(changes) == 4
+    with pytest.raises(RecipeChanged, match="trainer.epochs"):
+        check_recipe(SAVED, now, ignored=IGNORED, allowed=["aug", "optimizer"], where="x")
+
+
+def test_allow_changes_naming_no_key_is_refused():
+    with pytest.raises(UserError, match="checkpoint.allow_changes names optimizer.lrr"):
+        check_recipe(SAVED, SAVED, ignored=IGNORED, allowed=["optimizer.lrr"], where="x")
+
+
+# --------------------------------------------------------------------------------------------------
+# The checkpoints directory
+# --------------------------------------------------------------------------------------------------
+def small(step: int) -> dict:
+    return {"step": step, "model": {"w": torch.full((3,), float(step))}}
+
+
+def test_retention_keeps_the_newest_and_what_best_points_to(tmp_path):
+    directory = CheckpointDir(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        entry = directory.write_full(small(step), step)
+        directory.link("last", entry)
+        if step == 1:
+            directory.link("best", entry)
+        directory.prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "step_000000002.pt",
+        "step_000000003.pt",
+    ]
+    assert read_checkpoint(tmp_path / "best.pt")["step"] == 1  # a hard link outlives its step file
+    # Sharded entries: directories, linked by symbolic links; best's directory is kept.
+    for step in (4, 5, 6):
+        path = tmp_path / f".step_{step:09d}.tmp"
+        path.mkdir()
+        save_checkpoint(small(step), path / "meta.pt")
+        entry = directory.publish_sharded(path, step)
+        directory.link("last", entry)
+        if step == 4:
+            directory.link("best", entry)
+        directory.prune()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best", "last", "step_000000004", "step_000000005", "step_000000006"]
+    assert os.readlink(tmp_path / "last") == "step_000000006" and os.readlink(tmp_path / "best") == "step_000000004"
+
+
+def test_temporaries_of_a_killed_job_are_swept(tmp_path):
+    directory = CheckpointDir(tmp_path, keep_last=2)
+    directory.write_full(small(1), 1)
+    (tmp_path / ".step_000000002.pt.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".step_000000003.tmp").mkdir()
+    (tmp_path / ".step_000000003.tmp" / "__0_0.distcp").write_bytes(b"a shard")
+    (tmp_path / ".last.tmp").symlink_to("step_000000003")
+    assert directory.sweep_temporaries() == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.pt"]
+
+
+def test_when_every_checkpoint_is_unreadable_resuming_stops_instead_of_starting_over(tmp_path):
+    directory = CheckpointDir(tmp_path, keep_last=5)
+    for step in (1, 2):
+        path = directory.write_full(small(step), step).path
+        path.write_bytes(path.read_bytes()[:64])
+    broken = tmp_path / "step_000000003"  # a sharded directory without its metadata
+    broken.mkdir()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError) as refused:
+        directory.latest()
+    message = str(refused.value)
+    assert "every checkpoint in" in message and "move the directory away" in message
+    assert all(f"step_00000000{step}" in message for step in (1, 2, 3))
+    assert CheckpointDir(tmp_path / "empty", keep_last=1).latest() is None
+
+
+# --------------------------------------------------------------------------------------------------
+# A sharded checkpoint from an untrusted source
+# --------------------------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_hostile_sharded_checkpoint_is_refused_without_running_it(tmp_path):
+    checkpoint = tmp_path / "step_000000001"
+    dcp.save({"model": {"w": torch.ones(3)}}, checkpoint_id=checkpoint, no_dist=True)
+    assert read_checkpoint(checkpoint)["model"]["w"].tolist() == [1.0, 1.0, 1.0]  # a genuine one reads
+    marker = tmp_path / "payload-ran"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))  # DCP would pickle.load it
+    with pytest.raises(CheckpointError, match=r"pickled Python objects \(pathlib.*Path.touch\).*trust_checkpoint"):
+        read_checkpoint(checkpoint)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement between ranks, and waiting for rank 0's slow work (real gloo processes)
+# --------------------------------------------------------------------------------------------------
+def _agreement_worker(rank: int, port: int, out: str) -> None:
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    from convnext_train.distributed import Agreement, init_processes, main_process_first
+
+    # Collectives of the loop time out after 3 s; rank 0's slow work (8 s) must not trip that.
+    processes = init_processes("cpu", timeout_minutes=0.05, slow_work_timeout_minutes=1)
+    with main_process_first(processes):
+        if rank == 0:
+            time.sleep(8)
+    agreement = Agreement(processes, size=2)
+    seen = []
+    for step in range(6):
+        flags = agreement.receive()
+        seen.append(flags)
+        agreement.send([rank == 1 and step == 2, rank == 0 and step == 4])  # raised by one rank each
+    seen.append(agreement.settle([False, False]))
+    Path(out, f"rank{rank}.txt").write_text(repr(seen))
+    assert processes.timeout == timedelta(minutes=0.05)
+
+
+def test_every_rank_acts_on_any_ranks_flag_at_the_same_step_and_waits_out_slow_work(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_agreement_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    seen = [eval((tmp_path / f"rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert seen[0] == seen[1]
+    false, stop, save = [False, False], [True, False], [False, True]
+    # Raised at step 2 (rank 1) and 4 (rank 0): every rank sees each one step later.
+    assert seen[0] == [false, false, false, stop, false, save, false]
