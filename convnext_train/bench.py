@@ -64,7 +64,7 @@ from convnext_train.errors import UserError, exit_on_user_error
 from convnext_train.models import TIMM_NAMES, build_model
 from convnext_train.models.complexity import count_gmacs
 from convnext_train.parts import TrainParts, build_parts
-from convnext_train.runtime import autocast, resolve_device
+from convnext_train.runtime import autocast, prepare_device, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODES = ("step", "eval", "loader")
@@ -195,7 +195,7 @@ def compose_config(mode: str, overrides: list[str]) -> tuple[DictConfig, str]:
 # The three benchmarks
 # --------------------------------------------------------------------------------------------------
 def bench_step(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
-    device = resolve_device(cfg.trainer.device)
+    device = prepare_device(resolve_device(cfg.trainer.device))
     batch = resident_batch(cfg, device)
     steps_per_epoch = max(1, cfg.data.train_length // cfg.trainer.global_batch_size)  # the lr schedule's length
 
@@ -212,7 +212,7 @@ def bench_step(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Mea
 
 
 def bench_eval(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
-    device = resolve_device(cfg.trainer.device)
+    device = prepare_device(resolve_device(cfg.trainer.device))
     images = resident_batch(cfg, device)[0]
     factories = {"ours": lambda: inference_step(build_model(cfg.model), images, cfg, device)}
     if options.vs == "timm":
@@ -221,7 +221,7 @@ def bench_eval(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Mea
 
 
 def bench_loader(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Measurement]:
-    device = resolve_device(cfg.trainer.device)
+    device = prepare_device(resolve_device(cfg.trainer.device))
     return measure({"ours": lambda: loader_step(cfg, device)}, options, device)
 
 
@@ -469,7 +469,7 @@ def report(
     measurements: list[Measurement],
 ) -> None:
     """The table, the ratio of ours to the rival, then one JSON line per contender."""
-    device = resolve_device(cfg.trainer.device)
+    device = prepare_device(resolve_device(cfg.trainer.device))
     name = device_name(device)
     t = cfg.trainer
     peak = dense_peak_tflops(name, math_precision(t.precision)) if device.type == "cuda" else None

@@ -22,7 +22,7 @@ from convnext_train.data.datasets import build_val_loader
 from convnext_train.engine import evaluate
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
-from convnext_train.runtime import autocast, resolve_device
+from convnext_train.runtime import autocast, prepare_device, resolve_device
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     variant = hydra_cfg.runtime.choices.get("model", "model")
     checkpoints = list(cfg.checkpoint) if isinstance(cfg.checkpoint, ListConfig) else [cfg.checkpoint]
     e = cfg.eval
-    device = resolve_device(e.device)
+    device = prepare_device(resolve_device(e.device))
     memory_format = torch.channels_last if e.channels_last else torch.contiguous_format
     loader = None
     if cfg.data.root:

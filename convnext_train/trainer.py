@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -42,7 +41,7 @@ from convnext_train.metrics import RunLogger
 from convnext_train.models import build_model
 from convnext_train.parallelize import is_sharded, reshard
 from convnext_train.parts import TrainParts, build_parts
-from convnext_train.runtime import reseed_per_rank, resolve_device, seed_everything
+from convnext_train.runtime import prepare_device, reseed_per_rank, resolve_device, seed_everything
 
 
 @dataclass
@@ -278,10 +277,7 @@ def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, *, ignored_keys: list[str]) -> Run:
     t = cfg.trainer
-    device = device_for(processes, resolve_device(t.device).type)
-    if device.type == "cuda":
-        # Fixed image sizes: let cuDNN pick the fastest convolution algorithms once.
-        torch.backends.cudnn.benchmark = True
+    device = prepare_device(device_for(processes, resolve_device(t.device).type))
     # Before any compute: the run directory's lock, and the recipe of the checkpoint to resume from.
     checkpointer = Checkpointer(run_dir, cfg, processes, ignored_keys=ignored_keys)
     # The same seed everywhere for the weights (DDP also broadcasts rank 0's); `reseed_per_rank`
