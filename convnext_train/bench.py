@@ -28,6 +28,10 @@ Arguments are train.py's overrides, plus the bench's own options (train.py's con
 optimizer step, so the optimizer and EMA are paid on every batch) unless it is given. Nothing is
 logged: `logger=none` is forced.
 
+One module (over 400 lines) because the three benchmarks share one measurement loop, one report and
+one way of composing train.py's config, and are read against each other; the GPU suite, when it
+comes, is the seam to split along.
+
 Output: a table, then one JSON line per contender with images_per_sec, step_ms, mfu (null without
 a known peak: CPU, unknown GPU), peak_mem_gb (null on CPU), device, versions and the full settings.
 """

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from convnext_train.checkpointing.checkpointer import FORMATS, resolve_format
+from convnext_train.checkpointing.layout import FORMATS, resolve_format
 from convnext_train.errors import UserError
 from convnext_train.parallelize import STRATEGIES
 

@@ -9,7 +9,9 @@ NCCL on GPUs, gloo on the CPU. Two timeouts, because two kinds of waiting exist:
 - `trainer.dist_timeout_minutes` bounds the collectives of the step loop, where every rank does the
   same work: a rank that stops responding (dead, hung, stuck in I/O) ends the job after this long,
   and the error names it (`unresponsive_ranks`, read from the rendezvous store, which outlives a hung
-  rank's main thread).
+  rank's main thread). Tested with gloo. Under NCCL this needs the host to time out in Python (in
+  `Agreement.receive`, at the next step boundary); NCCL's own watchdog, a minute later, ends the job
+  without the name when the host is blocked in a CUDA sync first.
 - `trainer.slow_work_timeout_minutes` bounds the waits for one rank's legitimately long work (rank 0
   scanning ImageNet's 1.28M files, writing a multi-GB checkpoint, starting W&B): the other ranks wait
   in a barrier of a separate gloo group created with that timeout (`wait_for_main`), never inside
@@ -40,7 +42,7 @@ from convnext_train.errors import UserError
 
 # Under NCCL a timed-out collective is ended by NCCL's own watchdog, which cannot say which rank is
 # missing; the training group's timeout is set this much later than ours so that our check (on the
-# CPU-side control group, `Agreement`) fires first and names the rank.
+# CPU-side control group, `Agreement`) can fire first and name the rank.
 NCCL_TIMEOUT_SLACK = timedelta(minutes=1)
 _RANK_KEY = "convnext/rank/{}"
 _RESPONSIVE_KEY = "convnext/responsive/{}"

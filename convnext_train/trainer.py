@@ -56,6 +56,7 @@ class TrainState:
     train_seconds: float = 0.0
     train_images: int = 0
     skipped_images: int = 0  # unreadable training images replaced under data.skip_corrupt
+    steps_per_epoch: int = 0  # what `step` counts in: a resume must have the same
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,8 +160,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     processes = init_processes(resolve_device(t.device).type, t.dist_timeout_minutes, t.slow_work_timeout_minutes)
     try:
         hydra = HydraConfig.get()
-        ignored = list(hydra.job.config.override_dirname.exclude_keys)
-        return train(build_run(cfg, Path(hydra.runtime.output_dir), processes, ignored_keys=ignored))
+        run_dir, ignored = Path(hydra.runtime.output_dir), list(hydra.job.config.override_dirname.exclude_keys)
+        # Before any compute: the run directory's lock, and the recipe of the checkpoint to resume from.
+        with Checkpointer(run_dir, cfg, processes, ignored_keys=ignored) as checkpointer:
+            return train(build_run(cfg, run_dir, processes, checkpointer))
     except RuntimeError as error:
         raise_if_timeout(error, processes)  # a collective timed out: name the rank that stopped answering
         raise
@@ -209,7 +212,8 @@ def train_epoch(run: Run, epoch: int) -> bool:
         decision = run.checkpointer.poll()
         # The epoch's last step is saved at the epoch's end, after the evaluation, unless stopping.
         if decision.stop or (decision.save and state.step < end):
-            window.raise_if_non_finite()
+            if window.count:  # logged first: the checkpoint's counters include these steps
+                run.log_training(window.read_and_reset(state.step), lr, progress)
             run.save(epoch)
             if decision.stop:
                 progress.close()
@@ -275,11 +279,9 @@ def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------------
-def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, *, ignored_keys: list[str]) -> Run:
+def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer: Checkpointer) -> Run:
     t = cfg.trainer
     device = prepare_device(device_for(processes, resolve_device(t.device).type))
-    # Before any compute: the run directory's lock, and the recipe of the checkpoint to resume from.
-    checkpointer = Checkpointer(run_dir, cfg, processes, ignored_keys=ignored_keys)
     # The same seed everywhere for the weights (DDP also broadcasts rank 0's); `reseed_per_rank`
     # below gives each rank its own stream for drop path and Mixup before training starts.
     seed_everything(t.seed)
@@ -317,6 +319,15 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, *, ignored_k
         model=parts.model, optimizer=parts.optimizer, ema=parts.ema, scaler=parts.scaler, train_state=state
     )
     resumed = checkpointer.load_latest()
+    if resumed and state.steps_per_epoch not in (0, steps_per_epoch):  # 0: saved before it was recorded
+        raise UserError(
+            f"the checkpoint {checkpointer.resume_entry.path} counts {state.steps_per_epoch} optimizer steps per "
+            f"epoch, this run {steps_per_epoch} ({loaders.train_length} images / trainer.global_batch_size="
+            f"{t.global_batch_size}): its step {state.step} cannot carry over to another epoch length. Resume with "
+            "the checkpoint's global batch and training set, or start a new run from its weights "
+            "(finetune.checkpoint=..., another hydra.run.dir)"
+        )
+    state.steps_per_epoch = steps_per_epoch
     if resumed and processes.is_main:
         print(f"resumed from {checkpointer.resume_entry.path} at epoch {state.epoch}, step {state.step}", flush=True)
     logger = RunLogger(

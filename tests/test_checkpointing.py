@@ -155,15 +155,41 @@ def test_retention_keeps_the_newest_and_what_best_points_to(tmp_path):
     assert os.readlink(tmp_path / "last") == "step_000000006" and os.readlink(tmp_path / "best") == "step_000000004"
 
 
-def test_temporaries_of_a_killed_job_are_swept(tmp_path):
+def test_temporaries_of_a_killed_job_are_swept_and_a_whole_unpublished_save_is_published(tmp_path):
     directory = CheckpointDir(tmp_path, keep_last=2)
     directory.write_full(small(1), 1)
     (tmp_path / ".step_000000002.pt.0123abcd.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / ".step_000000003.tmp").mkdir()
-    (tmp_path / ".step_000000003.tmp" / "__0_0.distcp").write_bytes(b"a shard")
+    (tmp_path / ".step_000000003.tmp" / "__0_0.distcp").write_bytes(b"a shard")  # no .metadata yet
     (tmp_path / ".last.tmp").symlink_to("step_000000003")
-    assert directory.sweep_temporaries() == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.pt"]
+    # An async save that finished writing, the job dying before it renamed the directory into place.
+    whole = tmp_path / ".step_000000004.tmp"
+    dcp.save({"model": {"w": torch.ones(3)}}, checkpoint_id=whole, no_dist=True)
+    save_checkpoint(small(4), whole / "meta.pt")
+    removed, published = directory.sweep_temporaries()
+    assert removed == 3 and [entry.name for entry in published] == ["step_000000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.pt", "step_000000004"]
+    assert read_checkpoint(tmp_path / "step_000000004")["model"]["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_saving_a_sharded_step_again_replaces_it_whole(tmp_path):
+    directory = CheckpointDir(tmp_path, keep_last=2)
+    for value in (1, 2):
+        temporary = directory.sharded_temporary(6)
+        dcp.save({"model": {"w": torch.full((3,), float(value))}}, checkpoint_id=temporary, no_dist=True)
+        save_checkpoint(small(6), temporary / "meta.pt")
+        directory.link("last", directory.publish_sharded(temporary, 6))
+    assert read_checkpoint(tmp_path / "last")["model"]["w"].tolist() == [2.0, 2.0, 2.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "step_000000006"]
+
+
+def test_an_orphaned_last_pt_takes_its_place_by_its_step(tmp_path):
+    directory = CheckpointDir(tmp_path, keep_last=5)
+    for step in (100, 200):
+        directory.link("last", directory.write_full(small(step), step))
+    (tmp_path / "step_000000200.pt").unlink()  # removed by hand; last.pt is the only copy of step 200
+    directory.write_full(small(150), 150)
+    assert directory.latest()[1]["step"] == 200
 
 
 def test_when_every_checkpoint_is_unreadable_resuming_stops_instead_of_starting_over(tmp_path):
@@ -192,6 +218,18 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
+def pickle_calling(module: str, name: str, argument: str) -> bytes:
+    """A protocol-4 pickle of `module.name(argument)`, the dotted name written as it stands."""
+
+    def text(value: str) -> bytes:
+        data = value.encode()
+        return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+    return (
+        b"\x80\x04" + text(module) + text(name) + b"\x93" + text(argument) + b"\x85R."
+    )  # STACK_GLOBAL, TUPLE1, REDUCE
+
+
 def test_a_hostile_sharded_checkpoint_is_refused_without_running_it(tmp_path):
     checkpoint = tmp_path / "step_000000001"
     dcp.save({"model": {"w": torch.ones(3)}}, checkpoint_id=checkpoint, no_dist=True)
@@ -199,6 +237,12 @@ def test_a_hostile_sharded_checkpoint_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "payload-ran"
     (checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))  # DCP would pickle.load it
     with pytest.raises(CheckpointError, match=r"pickled Python objects \(pathlib.*Path.touch\).*trust_checkpoint"):
+        read_checkpoint(checkpoint)
+    assert not marker.exists()
+    # A permitted module followed to a function of another one: `metadata.os.system`, then called.
+    dotted = pickle_calling("torch.distributed.checkpoint.metadata", "os.system", f"touch {marker}")
+    (checkpoint / ".metadata").write_bytes(dotted)
+    with pytest.raises(CheckpointError, match=r"pickled Python objects \(torch.distributed.checkpoint.metadata.os"):
         read_checkpoint(checkpoint)
     assert not marker.exists()
 

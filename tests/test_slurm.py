@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, make_imagefolder
+from test_distributed import EXACT
 from test_train import TINY_RUN, assert_same_tensors, load, read_jsonl, tiny_run
 
 pytestmark = pytest.mark.slow
@@ -21,13 +22,6 @@ CLUSTER = REPO / "slurm" / "cluster.sh"
 # README.md, "Multi-GPU and SLURM": the command for a node without GPUs.
 SBATCH_CPU = ["sbatch", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none"]
 # 64 images, 4 steps of 16 per epoch, 12 steps; every step logged and checkpointed.
-EXACT = [
-    "aug=none",
-    "model.drop_path_rate=0",
-    "trainer.epochs=3",
-    "checkpoint.keep_last=100",
-    "checkpoint.every_minutes=0.0001",
-]
 FINISHED = {
     "COMPLETED",
     "FAILED",

@@ -15,7 +15,7 @@ after every optimizer step (save now? stop?) and `save`. The Checkpointer owns e
   (`checkpoint.format`; async saves with `checkpoint.async_save`), each published whole or not at
   all, retention (`checkpoint.keep_last`), `last`/`best`/`best_ema` links, stale temporaries swept,
   a full disk as one message naming the last whole checkpoint, weights that became non-finite never
-  saved.
+  saved; `report.py`: what each save cost (a metrics.jsonl row).
 
     python -m convnext_train.checkpointing consolidate <run>/checkpoints/step_000001234 model.pt
 
@@ -23,14 +23,8 @@ turns a sharded checkpoint into the one file that eval.py and the release format
 `finetune.checkpoint` also read the directory directly).
 """
 
-from convnext_train.checkpointing.checkpointer import (
-    FORMATS,
-    Checkpointer,
-    Decision,
-    NonFiniteWeights,
-    SaveReport,
-    consolidate,
-    resolve_format,
-)
+from convnext_train.checkpointing.checkpointer import Checkpointer, Decision, NonFiniteWeights, consolidate
+from convnext_train.checkpointing.layout import FORMATS, resolve_format
+from convnext_train.checkpointing.report import SaveReport
 
 __all__ = ["FORMATS", "Checkpointer", "Decision", "NonFiniteWeights", "SaveReport", "consolidate", "resolve_format"]

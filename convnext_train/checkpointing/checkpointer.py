@@ -23,18 +23,17 @@ from torch.distributed.checkpoint.state_dict import (
 
 from convnext_train import preemption
 from convnext_train.atomic import DiskFullError
-from convnext_train.checkpointing.layout import META_FILE, CheckpointDir, Entry
+from convnext_train.checkpointing.layout import META_FILE, CheckpointDir, Entry, resolve_format, step_name
 from convnext_train.checkpointing.lock import RunLock
 from convnext_train.checkpointing.recipe import check_recipe
+from convnext_train.checkpointing.report import SaveReport, measure_peak_rss
 from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from convnext_train.checkpoints.sharded import SafePlanner, SafeReader
 from convnext_train.distributed import Agreement, Processes, broadcast_from_main, gather_objects
 from convnext_train.ema import WeightEma
 from convnext_train.errors import UserError, out_of_space
-from convnext_train.parallelize import all_finite, full_state_dicts, load_full_state_dicts, reshard
+from convnext_train.parallelize import all_finite, full_state_dicts, is_sharded, load_full_state_dicts, reshard
 from convnext_train.runtime import reseed_per_rank, restore_rng_state, rng_state
-
-FORMATS = ("auto", "full", "dcp")
 
 
 class NonFiniteWeights(UserError):
@@ -53,30 +52,6 @@ class TrainStateLike(Protocol):
 class Decision:
     save: bool
     stop: bool
-
-
-@dataclass
-class SaveReport:
-    """What one save cost the training loop: its row in metrics.jsonl."""
-
-    step: int
-    name: str
-    seconds: float  # the loop's wait (for an async save: until its tensors were staged)
-    peak_rss_mb: float | None  # this process's resident memory above where it stood before the save
-
-    def row(self) -> dict[str, Any]:
-        row = {"step": self.step, "checkpoint_seconds": self.seconds}
-        if self.peak_rss_mb is not None:  # Linux only
-            row["checkpoint_peak_rss_mb"] = self.peak_rss_mb
-        return row
-
-
-def resolve_format(name: str, strategy: str, world_size: int) -> str:
-    """`auto`: sharded (DCP) under FSDP on several processes, where a full file would gather the
-    whole model and optimizer state into rank 0's memory; one full file otherwise."""
-    if name != "auto":
-        return name
-    return "dcp" if strategy == "fsdp" and world_size > 1 else "full"
 
 
 class Checkpointer:
@@ -108,10 +83,9 @@ class Checkpointer:
             except UserError as error:
                 problem = error
         shared = broadcast_from_main((found, None if problem is None else str(problem)), processes)
-        if problem is not None:
-            raise problem
-        if shared[1] is not None:
-            raise UserError(shared[1])
+        if problem is not None or shared[1] is not None:
+            self.close()
+            raise problem if problem is not None else UserError(shared[1])
         self.resume_entry: Entry | None = None if shared[0] is None else Entry(shared[0][0], Path(shared[0][1]))
         self.changes: dict[str, tuple] = {} if shared[0] is None else shared[0][2]
 
@@ -120,9 +94,13 @@ class Checkpointer:
         self.lock.acquire()
         if not self.directory.directory.is_dir():
             return None
-        swept = self.directory.sweep_temporaries()
-        if swept:
-            print(f"removed {swept} temporary file(s) a killed job left in {self.directory.directory}", flush=True)
+        removed, published = self.directory.sweep_temporaries()
+        if removed:
+            print(f"removed {removed} temporary file(s) a killed job left in {self.directory.directory}", flush=True)
+        for entry in published:
+            print(f"published {entry.path}: a whole checkpoint a job saved but died before publishing", flush=True)
+        if published and published[-1] == self.directory.entries()[0]:
+            self.directory.link("last", published[-1])
         latest = self.directory.latest()
         if latest is None:
             return None
@@ -247,6 +225,8 @@ class Checkpointer:
         """Write a checkpoint of the tracked parts at the train state's step (every rank calls it).
         `best`: link names (`best`, `best_ema`) to point at it."""
         p = self._parts
+        self._agreement.receive()  # flags sent before a save are about the time before it
+        self._finish_pending()  # first: an async save of good weights is published whatever comes next
         # A finite loss can still leave non-finite weights behind (the update after it diverged):
         # such weights must never replace the last good checkpoint.
         if not all_finite(p["model"]):
@@ -254,21 +234,30 @@ class Checkpointer:
                 f"the weights became non-finite by step {p['state'].step}; the run stopped and the last "
                 "checkpoint before it is kept. Lower optimizer.lr or set trainer.clip_grad"
             )
-        self._agreement.receive()  # flags sent before a save are about the time before it
-        self._finish_pending()
         started = time.perf_counter()
         self._last_save_time = time.monotonic()  # the interval runs from save to save start
-        name, peak = _measure_peak_rss(lambda: self._save(list(best)))
+        _, peak = measure_peak_rss(lambda: self._save(list(best)))
         if self.processes.distributed:
             self._send_flags()
-        return SaveReport(step=p["state"].step, name=name, seconds=time.perf_counter() - started, peak_rss_mb=peak)
+        return SaveReport(step=p["state"].step, seconds=time.perf_counter() - started, peak_rss_mb=peak)
 
     def finish(self) -> None:
-        """Publish an async save still in flight (every rank calls it), then release the lock."""
+        """Publish an async save still in flight (every rank calls it, at the end of training or a
+        stop). After an error, `close` alone runs: a whole async save is then published by the next
+        job's start (`CheckpointDir.sweep_temporaries`)."""
         if self.processes.distributed:
             self._agreement.receive()
         self._finish_pending()
+
+    def close(self) -> None:
+        """Release the run directory (no collectives: safe after an error)."""
         self.lock.release()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _meta(self) -> dict[str, Any]:
         p = self._parts
@@ -281,20 +270,22 @@ class Checkpointer:
             "rng": gather_objects(rng_state(), self.processes),  # one entry per rank
         }
 
-    def _save(self, best: list[str]) -> str:
+    def _save(self, best: list[str]) -> None:
         step = self._parts["state"].step
-        return self._save_sharded(step, best) if self.format == "dcp" else self._save_full(step, best)
+        self._save_sharded(step, best) if self.format == "dcp" else self._save_full(step, best)
 
-    def _save_full(self, step: int, best: list[str]) -> str:
+    def _save_full(self, step: int, best: list[str]) -> None:
         p = self._parts
         # Collectives (gathers under FSDP): every rank takes part; rank 0 receives the whole tensors.
         weights, optimizer_state = full_state_dicts(p["model"], p["optimizer"])
         ema_weights = None
         if p["ema"] is not None:
             with p["ema"].swapped_into(p["model"]):
-                # Copies: unsharded, the state dict holds the model's own tensors, which get the
-                # trained weights back when the block ends.
-                ema_weights = {k: v.clone() for k, v in full_state_dicts(p["model"], None)[0].items()}
+                ema_weights = full_state_dicts(p["model"], None)[0]
+                if not is_sharded(p["model"]):
+                    # Unsharded, the state dict holds the model's own tensors, which get the trained
+                    # weights back when the block ends (under FSDP they are fresh CPU copies already).
+                    ema_weights = {k: v.clone() for k, v in ema_weights.items()}
         meta = self._meta()
         outcome = None
         if self.processes.is_main:
@@ -302,14 +293,16 @@ class Checkpointer:
             if ema_weights is not None:
                 checkpoint["model_ema"] = ema_weights
             try:
-                entry = self.directory.write_full(checkpoint, step)
-                self._publish_links(entry, best)
-                outcome = entry.name
+                self._publish_links(self.directory.write_full(checkpoint, step), best)
             except UserError as error:
                 outcome = error
-        return self._shared_outcome(outcome)
+            except OSError as error:
+                outcome = UserError(
+                    f"could not link the checkpoint of step {step} in {self.directory.directory}: {error}"
+                )
+        self._shared_outcome(outcome)
 
-    def _save_sharded(self, step: int, best: list[str]) -> str:
+    def _save_sharded(self, step: int, best: list[str]) -> None:
         state, meta = self._sharded_state(), self._meta()
         temporary = self.directory.sharded_temporary(step)
         problem = None
@@ -319,7 +312,7 @@ class Checkpointer:
                 save_checkpoint(meta, temporary / META_FILE)
             except DiskFullError as error:
                 shutil.rmtree(temporary, ignore_errors=True)
-                problem = self.directory.disk_full_message(temporary, error.free_bytes)
+                problem = self.directory.disk_full_message(self.directory.directory / step_name(step), error.free_bytes)
         if (problem := broadcast_from_main(problem, self.processes)) is not None:
             raise UserError(problem)
         kwargs = {
@@ -329,12 +322,12 @@ class Checkpointer:
         }
         if self.async_save:
             self._pending = (dcp.async_save(state, **kwargs), temporary, step, best)
-            return temporary.name
+            return
         try:
             dcp.save(state, **kwargs)
         except CheckpointException as error:
-            return self._shared_outcome(self._failed_sharded(error, temporary) if self.processes.is_main else None)
-        return self._publish_sharded(temporary, step, best)
+            self._shared_outcome(self._failed_sharded(error, step) if self.processes.is_main else None)
+        self._publish_sharded(temporary, step, best)
 
     def _finish_pending(self) -> None:
         if self._pending is None:
@@ -344,28 +337,28 @@ class Checkpointer:
         try:
             future.result()
         except CheckpointException as error:
-            self._shared_outcome(self._failed_sharded(error, temporary) if self.processes.is_main else None)
-            return
+            self._shared_outcome(self._failed_sharded(error, step) if self.processes.is_main else None)
         self._publish_sharded(temporary, step, best)
 
-    def _publish_sharded(self, temporary: Path, step: int, best: list[str]) -> str:
+    def _publish_sharded(self, temporary: Path, step: int, best: list[str]) -> None:
         outcome = None
         if self.processes.is_main:
             try:
                 self._publish_links(self.directory.publish_sharded(temporary, step), best)
-                outcome = f"step_{step:09d}"
             except OSError as error:
                 outcome = UserError(f"could not publish the checkpoint {temporary}: {error}")
-        return self._shared_outcome(outcome)
+        self._shared_outcome(outcome)
 
-    def _failed_sharded(self, error: CheckpointException, temporary: Path) -> UserError:
+    def _failed_sharded(self, error: CheckpointException, step: int) -> UserError:
         """Rank 0: remove the partial directory; the message for every rank."""
-        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(self.directory.sharded_temporary(step), ignore_errors=True)
+        final = self.directory.directory / step_name(step)
         for failure, _trace in error.failures.values():
             if out_of_space(failure) is not None:
-                return UserError(self.directory.disk_full_message(temporary, DiskFullError(temporary).free_bytes))
+                free = shutil.disk_usage(self.directory.directory).free
+                return UserError(self.directory.disk_full_message(final, free))
         rank, (failure, _trace) = next(iter(error.failures.items()))
-        return UserError(f"writing the checkpoint {temporary} failed on rank {rank}: {failure}")
+        return UserError(f"writing the checkpoint {final} failed on rank {rank}: {failure}")
 
     def _publish_links(self, entry: Entry, best: list[str]) -> None:
         self.directory.link("last", entry)
@@ -373,43 +366,19 @@ class Checkpointer:
             self.directory.link(name, entry)
         self.directory.prune()
 
-    def _shared_outcome(self, outcome: str | UserError | None) -> str:
-        """Rank 0's outcome (the entry written, or the error) on every rank: all stop together."""
-        shared = broadcast_from_main(
-            outcome if not isinstance(outcome, UserError) else ("error", str(outcome)), self.processes
-        )
-        if isinstance(outcome, UserError):
+    def _shared_outcome(self, outcome: UserError | None) -> None:
+        """Rank 0's outcome (None: written, or the error) on every rank: all stop together."""
+        shared = broadcast_from_main(None if outcome is None else str(outcome), self.processes)
+        if outcome is not None:
             raise outcome
-        if isinstance(shared, tuple):
-            raise UserError(shared[1])
-        return shared
+        if shared is not None:
+            raise UserError(shared)
 
 
 def consolidate(source: Path, target: Path) -> None:
     """A sharded checkpoint directory -> one full checkpoint file (what eval.py, fine-tuning and the
     release formats read; a run resumes from either), in one process."""
     save_checkpoint(read_checkpoint(source), target)
-
-
-def _measure_peak_rss(work):
-    """(work(), the process's peak resident memory during it above where it started, in MB).
-    Linux resets the peak (VmHWM) on request; elsewhere the second value is None."""
-    try:
-        with open("/proc/self/clear_refs", "w") as file:
-            file.write("5")
-        before = _status_kb("VmRSS")
-    except OSError:
-        return work(), None
-    result = work()
-    return result, (_status_kb("VmHWM") - before) / 1024
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} is not in /proc/self/status")
 
 
 def _short(error: BaseException) -> str:

@@ -8,8 +8,9 @@
 
 Both kinds appear whole or not at all: a file is written to a temporary name and renamed; a
 directory is written under `.step_<N>.tmp/` and renamed once every rank's part and the metadata
-are on disk. Temporaries left by a job killed mid-write are swept when the next job starts.
-The newest `keep_last` entries are kept, and whatever `best`/`best_ema` point to.
+are on disk. Temporaries left by a job killed mid-write are swept when the next job starts, except
+a sharded one that is complete (an async save the job died before publishing): that one is
+published. The newest `keep_last` entries are kept, and whatever `best`/`best_ema` point to.
 """
 
 from __future__ import annotations
@@ -23,10 +24,23 @@ from typing import Any
 
 from convnext_train.atomic import DiskFullError, fsync_path
 from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from convnext_train.checkpoints.sharded import META_FILE
+from convnext_train.checkpoints.sharded import META_FILE, is_sharded_checkpoint
 from convnext_train.errors import UserError
 
 LINKS = ("last", "best", "best_ema")
+FORMATS = ("auto", "full", "dcp")
+
+
+def resolve_format(name: str, strategy: str, world_size: int) -> str:
+    """`auto`: sharded (DCP) under FSDP on several processes, where a full file would gather the
+    whole model and optimizer state into rank 0's memory; one full file otherwise."""
+    if name != "auto":
+        return name
+    return "dcp" if strategy == "fsdp" and world_size > 1 else "full"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:09d}"
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,7 @@ class Entry:
 class CheckpointDir:
     def __init__(self, directory: Path, keep_last: int):
         self.directory = Path(directory)
-        self.keep_last = max(1, keep_last)
+        self.keep_last = keep_last
 
     # ----------------------------------------------------------------------------------------------
     # What is there
@@ -60,17 +74,24 @@ class CheckpointDir:
                 found.append(Entry(int(stem[5:]), path))
         return sorted(found, key=lambda e: (e.step, not e.sharded), reverse=True)
 
-    def sweep_temporaries(self) -> int:
+    def sweep_temporaries(self) -> tuple[int, list[Entry]]:
         """Remove what a job killed mid-write left behind (only under the run's lock: a live job's
-        temporaries look the same)."""
-        removed = 0
-        for path in self.directory.glob(".*.tmp"):
-            if path.is_dir() and not path.is_symlink():
+        temporaries look the same), and publish the sharded checkpoints among them that are whole:
+        DCP writes `.metadata` last, by a rename, once every rank's shards are on disk, and meta.pt
+        was written before. (removed, published)."""
+        removed, published = 0, []
+        for path in sorted(self.directory.glob(".*.tmp")):
+            stem = path.name[1:].removesuffix(".tmp")
+            whole = stem[5:].isdigit() and is_sharded_checkpoint(path) and (path / META_FILE).is_file()
+            if whole and not path.is_symlink():
+                published.append(self.publish_sharded(path, int(stem[5:])))
+            elif path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
+                removed += 1
             else:
                 path.unlink(missing_ok=True)
-            removed += 1
-        return removed
+                removed += 1
+        return removed, published
 
     def latest(self) -> tuple[Entry, dict[str, Any]] | None:
         """The newest readable checkpoint and what it holds besides sharded tensors (a full file is
@@ -81,7 +102,12 @@ class CheckpointDir:
         candidates = self.entries()
         last = self.directory / "last.pt"
         if last.exists() and not any(os.path.samefile(last, entry.path) for entry in candidates):
-            candidates.append(Entry(-1, last))  # its step file is gone (removed by hand): still a checkpoint
+            # Its step file is gone (removed by hand): still a checkpoint, in its place by its step.
+            try:
+                step = int(self.read(Entry(-1, last))["step"])
+            except (CheckpointError, KeyError, TypeError, ValueError):
+                step = -1
+            candidates = sorted([*candidates, Entry(step, last)], key=lambda e: e.step, reverse=True)
         problems = []
         for entry in candidates:
             try:
@@ -100,7 +126,7 @@ class CheckpointDir:
         """A full checkpoint's dict (memory-mapped), or a sharded one's meta.pt."""
         if not entry.sharded:
             return read_checkpoint(entry.path, mmap=True)
-        if not (entry.path / ".metadata").is_file():
+        if not is_sharded_checkpoint(entry.path):
             raise CheckpointError(f"{entry.path} has no .metadata file: it is not a whole sharded checkpoint")
         return read_checkpoint(entry.path / META_FILE)
 
@@ -108,7 +134,7 @@ class CheckpointDir:
     # Writing
     # ----------------------------------------------------------------------------------------------
     def write_full(self, checkpoint: dict[str, Any], step: int) -> Entry:
-        path = self.directory / f"step_{step:09d}.pt"
+        path = self.directory / f"{step_name(step)}.pt"
         try:
             save_checkpoint(checkpoint, path)
         except DiskFullError as error:
@@ -116,15 +142,20 @@ class CheckpointDir:
         return Entry(step, path)
 
     def sharded_temporary(self, step: int) -> Path:
-        return self.directory / f".step_{step:09d}.tmp"
+        return self.directory / f".{step_name(step)}.tmp"
 
     def publish_sharded(self, temporary: Path, step: int) -> Entry:
-        """The complete directory under its final name, in one rename."""
-        path = self.directory / f"step_{step:09d}"
-        if path.exists():  # the same step saved again (a stop right after a save): keep the newer
-            shutil.rmtree(path)
+        """The complete directory under its final name, in one rename. The same step saved again (a
+        job stopped at an epoch's last step saves it again at the epoch's end when resumed): the old
+        one moves aside first, so that a kill at any moment leaves one whole directory there."""
+        path = self.directory / step_name(step)
+        old = self.directory / f".{step_name(step)}.old.tmp"
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
         os.replace(temporary, path)
         fsync_path(self.directory)
+        shutil.rmtree(old, ignore_errors=True)
         return Entry(step, path)
 
     def link(self, name: str, entry: Entry) -> None:

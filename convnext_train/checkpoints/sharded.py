@@ -32,8 +32,23 @@ META_FILE = "meta.pt"
 METADATA_FILE = ".metadata"
 
 # What DCP's `.metadata` pickles (checked against what torch >= 2.6 writes): its own dataclasses,
-# torch.Size and dtypes, the checkpoint's path. Anything else is refused.
+# torch.Size and dtypes, the checkpoint's path. Anything else is refused, and so is any dotted
+# name: the unpickler would follow `metadata.os.system` to a function from a permitted module.
+_METADATA = "torch.distributed.checkpoint.metadata"
 _METADATA_CLASSES = {
+    *(
+        (_METADATA, name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("pathlib", "PosixPath"),
     ("pathlib", "WindowsPath"),
     ("pathlib", "Path"),
@@ -42,7 +57,6 @@ _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("collections", "OrderedDict"),
 }
-_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 
 
 class UnsafeMetadata(pickle.UnpicklingError):
@@ -55,8 +69,8 @@ class UnsafeMetadata(pickle.UnpicklingError):
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (module, name) in _METADATA_CLASSES or module == _METADATA_MODULE
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        allowed = (module, name) in _METADATA_CLASSES
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
             allowed = True
         if not allowed:
             raise UnsafeMetadata(module, name)
