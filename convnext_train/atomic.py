@@ -63,3 +63,15 @@ def fsync_path(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs: a temporary file named after a live writer's pid
+    is that writer's, not an abandoned one (the data writers sweep the others)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

@@ -114,6 +114,8 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
         require(cfg.data.order in FFCV_ORDERS, "data.order", f"must be one of {', '.join(FFCV_ORDERS)}")
         require(isinstance(cfg.data.os_cache, bool), "data.os_cache", "must be true or false")
         require(_positive_int(cfg.data.batches_ahead), "data.batches_ahead", "must be a positive integer")
+    if cfg.data.get("kind") == "wds":
+        require(_positive_int(cfg.data.shuffle_buffer), "data.shuffle_buffer", "must be a positive integer")
     if not problems.found and aug.random_resized_crop:
         problems.found += _augmentation_problems(aug, cfg.data.img_size)
     problems.raise_if_any()
@@ -187,6 +189,10 @@ def _require_set(cfg: DictConfig) -> None:
     if "data.root" in missing:
         if cfg.data.get("kind") == "ffcv":
             hint = " (data.root: the directory of train.beton and val.beton; `python data/write_ffcv.py` writes them)"
+        elif cfg.data.get("kind") == "wds":
+            hint = " (data.root: the directory of <split>-NNNNNN.tar shards; `python data/write_wds.py` writes them)"
+        elif cfg.data.get("kind") == "hf":
+            hint = " (data.root: a save_to_disk directory, or parquet shards <root>/data/<split>-*.parquet)"
         else:
             hint = " (data.root: the ImageFolder root, <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG)"
     raise UserError(f"set {', '.join(missing)} on the command line, e.g. data.root=/datasets/imagenet{hint}")

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convnext_train.atomic import fsync_path, write_text_atomically
+from convnext_train.atomic import fsync_path, process_alive, write_text_atomically
 from convnext_train.data.ffcv import FFCV_IMPORT_ERROR, RECORD_FORMAT, read_record, record_path, require_ffcv
 from convnext_train.data.imagefolder import ImageFolderDataset, UnreadableImageError, train_and_val_datasets
 from convnext_train.errors import UserError, exit_on_user_error
@@ -254,16 +254,6 @@ def remove_abandoned_temporaries(beton: Path) -> None:
         pid = temporary.name[len(beton.name) + 2 :].split(".")[0]
         if pid.isdigit() and not process_alive(int(pid)):
             temporary.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def report_unreadable(

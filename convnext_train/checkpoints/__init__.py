@@ -1,18 +1,21 @@
 """Checkpoint files: safe reading, atomic saving, and conversion between parameter layouts.
 
 Our models use the official facebookresearch parameter names, so the official release loads as-is.
-timm and Hugging Face `transformers` name (and sometimes shape) the same tensors differently; this
-package converts both ways so that any of the three loads with `strict=True`, and exports to both.
-ConvNeXt V2's FCMAE pre-training checkpoints load too, for fine-tuning. Reading is safe by default:
-a torch file may only unpickle tensors and a few harmless types unless it is trusted.
+timm, Hugging Face `transformers` and torchvision name (and sometimes shape) the same tensors
+differently; this package converts both ways so that any of them loads with `strict=True`, and
+exports to each. Hugging Face model directories (`save_pretrained`'s, the hub cache's) load as they
+are. ConvNeXt V2's FCMAE pre-training checkpoints load too, for fine-tuning. Reading is safe by
+default: a torch file may only unpickle tensors and a few harmless types unless it is trusted.
 
 Modules, each importing only those before it:
 - `errors`: CheckpointError, the one-line error everything here raises;
 - `sharded`: a sharded training checkpoint (a torch.distributed.checkpoint directory) read whole;
+- `hf_directory`: a Hugging Face model directory (config.json, weights whole or sharded) read whole;
 - `files`: reading a file or such a directory onto the CPU (safe unpickling) and saving one atomically;
-- `layouts`: the timm, Hugging Face and FCMAE layouts, to and from the official one, and detecting them;
+- `layouts`: the timm, Hugging Face, torchvision and FCMAE layouts, to and from the official one, and
+  detecting them;
 - `weights`: finding the weights in a checkpoint and loading them into our models;
-- `export`: writing a model as a Hugging Face `from_pretrained` directory.
+- `export`: writing a model as a Hugging Face `from_pretrained` directory or a torchvision state dict.
 
 Everything is imported from here (`from convnext_train.checkpoints import load_weights`).
 """
@@ -20,7 +23,7 @@ Everything is imported from here (`from convnext_train.checkpoints import load_w
 from __future__ import annotations
 
 from convnext_train.checkpoints.errors import CheckpointError
-from convnext_train.checkpoints.export import export_hf
+from convnext_train.checkpoints.export import export_hf, export_torchvision
 from convnext_train.checkpoints.files import read_checkpoint, save_checkpoint
 from convnext_train.checkpoints.layouts import (
     FCMAE_DROPPED,
@@ -30,8 +33,10 @@ from convnext_train.checkpoints.layouts import (
     hf_to_official,
     official_to_hf,
     official_to_timm,
+    official_to_torchvision,
     timm_to_official,
     to_official,
+    torchvision_to_official,
 )
 from convnext_train.checkpoints.weights import load_pretrained, load_weights, state_dict_from_checkpoint
 
@@ -41,15 +46,18 @@ __all__ = [
     "CheckpointError",
     "detect_format",
     "export_hf",
+    "export_torchvision",
     "fcmae_to_official",
     "hf_to_official",
     "load_pretrained",
     "load_weights",
     "official_to_hf",
     "official_to_timm",
+    "official_to_torchvision",
     "read_checkpoint",
     "save_checkpoint",
     "state_dict_from_checkpoint",
     "timm_to_official",
     "to_official",
+    "torchvision_to_official",
 ]

@@ -1,7 +1,8 @@
-"""Export to Hugging Face `transformers`: a directory that `from_pretrained` loads.
+"""Exports: a Hugging Face `transformers` directory that `from_pretrained` loads, and a torchvision
+state dict that `torchvision.models.convnext_<size>(weights=None)` loads strictly.
 
-The names come from `layouts.official_to_hf`; what is added here is the model's config, read off the
-weights.
+The names come from `layouts.official_to_hf` / `official_to_torchvision`; what is added here for
+Hugging Face is the model's config, read off the weights.
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ from torch import nn
 
 from convnext_train.checkpoints.errors import CheckpointError
 from convnext_train.checkpoints.files import save_checkpoint
-from convnext_train.checkpoints.layouts import _is_v2, _reject_isotropic, official_to_hf
+from convnext_train.checkpoints.layouts import (
+    _reject_isotropic,
+    architecture,
+    is_v2,
+    official_to_hf,
+    official_to_torchvision,
+)
 
-__all__ = ["export_hf"]
+__all__ = ["export_hf", "export_torchvision"]
 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike) -> None:
@@ -34,19 +41,16 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike) -> None:
             "export_hf needs the transformers package; install it with `pip install transformers`."
         ) from None
 
-    stages = range(4)
-    # The stem is the first downsampling layer, conv then norm; the others are norm then conv.
-    convolutions = ["downsample_layers.0.0.weight"] + [f"downsample_layers.{i}.1.weight" for i in stages[1:]]
+    depths, dims = architecture(state_dict)
     settings = dict(
         num_channels=state_dict["downsample_layers.0.0.weight"].shape[1],
-        hidden_sizes=[state_dict[name].shape[0] for name in convolutions],
-        # Block names are `stages.<stage>.<block>.<...>`: count the distinct block indices per stage.
-        depths=[len({name.split(".")[2] for name in state_dict if name.startswith(f"stages.{i}.")}) for i in stages],
+        hidden_sizes=dims,
+        depths=depths,
         num_labels=state_dict["head.weight"].shape[0],
         # Our final LayerNorm uses the official eps; transformers defaults to 1e-12.
         layer_norm_eps=1e-6,
     )
-    if _is_v2(state_dict):
+    if is_v2(state_dict):
         config = ConvNextV2Config(architectures=["ConvNextV2ForImageClassification"], **settings)
     else:
         # The value only decides whether layer scale exists; the exported weights replace it.
@@ -60,3 +64,10 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
     save_checkpoint(official_to_hf(state_dict), out_dir / "model.safetensors")
+
+
+def export_torchvision(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write `model`'s weights as a torchvision ConvNeXt state dict (`.pth`, or `.safetensors`):
+    `torchvision.models.convnext_tiny(weights=None, num_classes=...)` (small, base, large) loads it with
+    `strict=True`. Only our V1 T, S, B and L have a torchvision equivalent; others are refused."""
+    save_checkpoint(official_to_torchvision(model.state_dict()), path)

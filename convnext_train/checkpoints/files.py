@@ -1,9 +1,9 @@
 """Checkpoint files: reading one onto the CPU (safe by default) and saving one atomically.
 
 What a file holds is not looked at here beyond what reading it needs: the weights inside are found by
-`weights.py` and renamed by `layouts.py`. A new way to read (a Hugging Face model directory, say)
-belongs in `read_checkpoint`, which today takes sharded checkpoint directories (`sharded.py`) and
-refuses other directories.
+`weights.py` and renamed by `layouts.py`. A new way to read belongs in `read_checkpoint`, which also
+takes two kinds of directory: our sharded training checkpoints (`sharded.py`, marked by DCP's
+`.metadata`) and Hugging Face model directories (`hf_directory.py`), and refuses other directories.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from convnext_train.atomic import write_atomically
 from convnext_train.checkpoints.errors import CheckpointError
+from convnext_train.checkpoints.hf_directory import is_hf_directory, read_hf_directory, resolve_hub_cache
 from convnext_train.checkpoints.sharded import UnsafeMetadata, is_sharded_checkpoint, read_sharded
 
 try:  # numpy >= 2 moved `numpy.core` to `numpy._core`
@@ -54,18 +55,27 @@ _LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 
 def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False, mmap: bool = False) -> dict:
-    """Read a `.safetensors` or torch checkpoint, or a sharded checkpoint directory, onto the CPU.
+    """Read a `.safetensors` or torch checkpoint, a sharded checkpoint directory, or a Hugging Face model
+    directory (`save_pretrained`'s, or the hub cache's; its files each read as here), onto the CPU.
 
     Torch files are unpickled with `weights_only=True` plus the allow-list above, because a pickle
     can run arbitrary code. `trusted=True` (`eval.trust_checkpoint=true`, `finetune.trust_checkpoint=true`) lifts that restriction
     for files whose source you trust. `mmap=True` maps a torch file's tensors instead of reading
     them: a resume reads only what it loads, and the processes of a node share the page cache.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"Checkpoint file {path} does not exist; check the path and that the download finished.")
     if path.is_dir() and not is_sharded_checkpoint(path):
-        raise CheckpointError(f"Checkpoint path {path} is a directory; pass the weights file inside it instead.")
+        # A DCP directory is ours (its `.metadata` says so); anything else may be a Hugging Face one.
+        path = resolve_hub_cache(path)
+        if not is_hf_directory(path):
+            raise CheckpointError(
+                f"Checkpoint path {path} is a directory but neither a Hugging Face model directory (config.json "
+                "and model.safetensors or pytorch_model.bin) nor a sharded checkpoint (.metadata); pass the "
+                "weights file inside it instead."
+            )
+        return read_hf_directory(path, lambda file: read_checkpoint(file, trusted=trusted, mmap=mmap))
     try:
         if path.is_dir():
             return read_sharded(path, lambda meta: _read_torch_file(meta, trusted, mmap=False), trusted=trusted)

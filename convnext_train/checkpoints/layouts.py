@@ -1,10 +1,11 @@
 """Parameter layouts: the names (and sometimes shapes) that each source gives the same tensors, and
 conversion between them and the official facebookresearch layout that our models use.
 
-One section per layout: timm, Hugging Face `transformers`, ConvNeXt V2 FCMAE pre-training (read
-only); then `detect_format` and `to_official`, which dispatch on them. A new layout (torchvision's,
-say) is a new section with its `*_to_official`, one marker in `detect_format` and one entry in
-`to_official`'s table.
+One section per layout: timm, Hugging Face `transformers`, torchvision, ConvNeXt V2 FCMAE
+pre-training (read only); then `detect_format` and `to_official`, which dispatch on them. A new
+layout is a new section with its `*_to_official`, one marker in `detect_format` and one entry in
+`to_official`'s table. `architecture` reads the depths and widths off official weights, for the
+exports and for checking a Hugging Face config against a model.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from convnext_train.checkpoints.errors import CheckpointError
 __all__ = [
     "FCMAE_DROPPED",
     "FCMAE_MISSING",
+    "TORCHVISION_SIZES",
+    "architecture",
     "detect_format",
     "fcmae_to_official",
     "hf_to_official",
     "official_to_hf",
     "official_to_timm",
+    "official_to_torchvision",
     "timm_to_official",
     "to_official",
+    "torchvision_to_official",
 ]
 
 
@@ -67,12 +72,29 @@ def _rename(name: str, rules: _Rules) -> str:
     return name
 
 
+def _is_isotropic(state_dict: Mapping[str, Tensor]) -> bool:
+    return "stem.weight" in state_dict or any(name.startswith("blocks.") for name in state_dict)
+
+
 def _reject_isotropic(state_dict: Mapping[str, Tensor], target: str) -> None:
-    if "stem.weight" in state_dict or any(name.startswith("blocks.") for name in state_dict):
+    if _is_isotropic(state_dict):
         raise CheckpointError(
             f"This is an isotropic ConvNeXt checkpoint, which has no {target} equivalent; keep it in the "
             "official format."
         )
+
+
+def architecture(state_dict: Mapping[str, Tensor]) -> tuple[list[int], list[int]] | None:
+    """(depths, dims) of official hierarchical weights (V1 or V2); None for an isotropic model."""
+    if _is_isotropic(state_dict):
+        return None
+    stages = range(4)
+    # The stem is the first downsampling layer, conv then norm; the others are norm then conv.
+    convolutions = ["downsample_layers.0.0.weight"] + [f"downsample_layers.{i}.1.weight" for i in stages[1:]]
+    dims = [state_dict[name].shape[0] for name in convolutions]
+    # Block names are `stages.<stage>.<block>.<...>`: count the distinct block indices per stage.
+    depths = [len({name.split(".")[2] for name in state_dict if name.startswith(f"stages.{i}.")}) for i in stages]
+    return depths, dims
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +190,7 @@ def official_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official names -> those of `ConvNextForImageClassification`, or of the V2 class when the
     weights have GRN."""
     _reject_isotropic(state_dict, "Hugging Face")
-    prefix = "convnextv2." if _is_v2(state_dict) else "convnext."
+    prefix = "convnextv2." if is_v2(state_dict) else "convnext."
     converted = {}
     for name, tensor in state_dict.items():
         hf_name = _rename(name, _HF_TO)
@@ -176,8 +198,87 @@ def official_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return converted
 
 
-def _is_v2(state_dict: Mapping[str, Tensor]) -> bool:
+def is_v2(state_dict: Mapping[str, Tensor]) -> bool:
     return any(name.endswith(".grn.gamma") for name in state_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision (`torchvision.models.convnext_tiny/small/base/large`)
+# --------------------------------------------------------------------------------------------------
+# torchvision numbers the stem, stages and downsampling layers as one `features` Sequential:
+# features.0 is the stem, features.{2i+1} stage i, features.{2i} (i >= 1) the downsampling layer
+# before it, each in the official order (conv then LayerNorm2d for the stem, LayerNorm2d then conv
+# after). The rules below read that index as `down.{i}` / `stage.{i}`, which `_tv_index` converts.
+# A block is Sequential(dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute) with its layer
+# scale beside it, shaped (C, 1, 1) where the official gamma is (C,). The classifier is
+# Sequential(LayerNorm2d, Flatten, Linear) on the pooled (N, C, 1, 1) map: the official `norm`
+# (on the pooled (N, C)) and `head`. Every LayerNorm has eps 1e-6, as the official ones. Stochastic
+# depth has no parameters (torchvision's "row" mode is per-sample drop path, rising linearly).
+_TV_TO, _TV_FROM = _compile_rules(
+    [
+        ("downsample_layers.{i}.{m}.{p}", "down.{i}.{m}.{p}"),
+        ("stages.{i}.{j}.dwconv.{p}", "stage.{i}.{j}.block.0.{p}"),
+        ("stages.{i}.{j}.norm.{p}", "stage.{i}.{j}.block.2.{p}"),
+        ("stages.{i}.{j}.pwconv1.{p}", "stage.{i}.{j}.block.3.{p}"),
+        ("stages.{i}.{j}.pwconv2.{p}", "stage.{i}.{j}.block.5.{p}"),
+        ("stages.{i}.{j}.gamma", "stage.{i}.{j}.layer_scale"),
+        ("norm.{p}", "classifier.0.{p}"),
+        ("head.{p}", "classifier.2.{p}"),
+    ]
+)
+_TV_FEATURES = re.compile(r"^features\.(\d+)\.")
+_TV_PART = re.compile(r"^(down|stage)\.(\d+)\.")
+# torchvision's four builders: (depths, dims) -> our variant.
+TORCHVISION_SIZES = {
+    ((3, 3, 9, 3), (96, 192, 384, 768)): "convnext_t",
+    ((3, 3, 27, 3), (96, 192, 384, 768)): "convnext_s",
+    ((3, 3, 27, 3), (128, 256, 512, 1024)): "convnext_b",
+    ((3, 3, 27, 3), (192, 384, 768, 1536)): "convnext_l",
+}
+
+
+def _tv_index(name: str, *, to_torchvision: bool) -> str:
+    if to_torchvision:
+        return _TV_PART.sub(lambda m: f"features.{2 * int(m[2]) + (m[1] == 'stage')}.", name, count=1)
+    return _TV_FEATURES.sub(lambda m: f"{('down', 'stage')[int(m[1]) % 2]}.{int(m[1]) // 2}.", name, count=1)
+
+
+def torchvision_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision names and shapes -> official ones."""
+    converted = {}
+    for name, tensor in state_dict.items():
+        official_name = _rename(_tv_index(name, to_torchvision=False), _TV_FROM)
+        converted[official_name] = tensor.reshape(-1) if official_name.endswith(".gamma") else tensor
+    return converted
+
+
+def official_to_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official names and shapes -> what `torchvision.models.convnext_<size>(weights=None)` loads strictly.
+
+    torchvision only builds ConvNeXt V1 in sizes T, S, B and L; anything else is refused. A model
+    without layer scale (layer_scale_init_value=0) gets a scale of ones, which computes the same.
+    """
+    _reject_isotropic(state_dict, "torchvision")
+    if is_v2(state_dict):
+        raise CheckpointError(
+            "torchvision has no ConvNeXt V2; export this model with export_hf, or keep it in the official format."
+        )
+    depths, dims = architecture(state_dict)
+    if (tuple(depths), tuple(dims)) not in TORCHVISION_SIZES:
+        raise CheckpointError(
+            f"torchvision builds ConvNeXt only in sizes T, S, B and L ({', '.join(TORCHVISION_SIZES.values())}); "
+            f"this model has depths {depths} and dims {dims}: export it with export_hf or keep the official format."
+        )
+    state_dict = dict(state_dict)
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            if f"stages.{i}.{j}.gamma" not in state_dict:
+                state_dict[f"stages.{i}.{j}.gamma"] = state_dict[f"stages.{i}.{j}.norm.weight"].new_ones(dims[i])
+    converted = {}
+    for name, tensor in state_dict.items():
+        tv_name = _tv_index(_rename(name, _TV_TO), to_torchvision=True)
+        converted[tv_name] = tensor.reshape(-1, 1, 1) if tv_name.endswith(".layer_scale") else tensor
+    return converted
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,10 +326,11 @@ def fcmae_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------------
 _HF_MARKER = re.compile(r"(convnext(v2)?\.)?(embeddings|encoder)\.")
 _TIMM_MARKER = re.compile(r"stem\.\d+\.|stages\.\d+\.(blocks|downsample)\.|head\.(fc|norm)\.")
+_TORCHVISION_MARKER = re.compile(r"features\.\d+\.")
 
 
 def detect_format(state_dict: Mapping[str, Tensor]) -> str:
-    """The layout of a state dict's names: "hf", "timm", "fcmae" or "official".
+    """The layout of a state dict's names: "hf", "timm", "torchvision", "fcmae" or "official".
 
     Anything not recognisably timm or Hugging Face counts as official: loading it then reports exactly
     which names differ, which says more than refusing to guess.
@@ -240,10 +342,18 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
         return "hf"
     if any(_TIMM_MARKER.match(name) for name in state_dict):
         return "timm"
+    if any(_TORCHVISION_MARKER.match(name) for name in state_dict):
+        return "torchvision"
     return "official"
 
 
 def to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Any supported layout -> official names and shapes."""
-    converters = {"hf": hf_to_official, "timm": timm_to_official, "fcmae": fcmae_to_official, "official": dict}
+    converters = {
+        "hf": hf_to_official,
+        "timm": timm_to_official,
+        "torchvision": torchvision_to_official,
+        "fcmae": fcmae_to_official,
+        "official": dict,
+    }
     return converters[detect_format(state_dict)](state_dict)

@@ -3,6 +3,8 @@ loaded strictly, with a one-line error when they do not fit.
 
 `load_weights` is for evaluation (every tensor must fit); `load_pretrained` starts fine-tuning
 (a head for another class count, or FCMAE's missing head and norm, keep their initialisation).
+A Hugging Face directory's config.json is checked against the model first, so that a checkpoint of
+another size says which `model=` it is rather than listing the tensors that differ.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from convnext_train.checkpoints.errors import CheckpointError
 from convnext_train.checkpoints.files import read_checkpoint
-from convnext_train.checkpoints.layouts import FCMAE_MISSING, detect_format, to_official
+from convnext_train.checkpoints.layouts import FCMAE_MISSING, architecture, detect_format, is_v2, to_official
+from convnext_train.models.table import MODEL_CONFIG_DIR
 
 __all__ = ["load_pretrained", "load_weights", "state_dict_from_checkpoint"]
 
@@ -86,6 +90,7 @@ def load_weights(
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint, trusted=trusted)
+    _check_hf_config(model, checkpoint, labels=True)
     state_dict = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
     _check_fits(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
@@ -104,6 +109,7 @@ def load_pretrained(
     (no head, no final norm) leaves those initialised too. Returns whether the head was."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint, trusted=trusted)
+    _check_hf_config(model, checkpoint, labels=False)
     raw = state_dict_from_checkpoint(checkpoint, use_ema=use_ema)
     state_dict = to_official(raw)
     fresh = model.state_dict()
@@ -138,3 +144,58 @@ def _check_fits(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
         f"The checkpoint is for a different architecture than this {type(model).__name__} "
         f"({'; '.join(problems)}); choose the model config the checkpoint was trained with."
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# A Hugging Face directory's config.json against the model
+# --------------------------------------------------------------------------------------------------
+_FAMILIES = {"convnext": "ConvNeXt", "convnextv2": "ConvNeXt V2"}
+
+
+def _check_hf_config(model: nn.Module, checkpoint: Mapping[str, Any], *, labels: bool) -> None:
+    """One line naming the `model=` that fits when config.json describes another family, depth or width;
+    with `labels`, also when its class count is not the model's (fine-tuning replaces the head)."""
+    config = (checkpoint.get("hf_config") if isinstance(checkpoint, Mapping) else None) or {}
+    if config.get("model_type") not in _FAMILIES:
+        return  # not a ConvNeXt config (or none): the weights' own names will say what differs
+    family = _FAMILIES[config["model_type"]]
+    depths, dims = list(config.get("depths", [])), list(config.get("hidden_sizes", []))
+    ours = model.state_dict()
+    shape = architecture(ours)
+    same_family = shape is not None and is_v2(ours) == (config["model_type"] == "convnextv2")
+    if not same_family or shape != (depths, dims):
+        this = (
+            "an isotropic ConvNeXt"
+            if shape is None
+            else f"a {_FAMILIES['convnextv2' if is_v2(ours) else 'convnext']} with depths {shape[0]}, dims {shape[1]}"
+        )
+        variant = _variant(config["model_type"], depths, dims)
+        fix = (
+            f"use model={variant}"
+            if variant
+            else f"no conf/model config has that size: pass a {family} model= with model.depths={depths} "
+            f"model.dims={dims}"
+        )
+        raise CheckpointError(
+            f"config.json describes a {family} with depths {depths} and hidden_sizes {dims}, but the model is "
+            f"{this}; {fix}."
+        )
+    classes = ours["head.weight"].shape[0]
+    # transformers writes the class count as the id2label table; older configs say num_labels.
+    num_labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", classes)
+    if labels and num_labels != classes:
+        raise CheckpointError(
+            f"config.json has {num_labels} labels but the model {classes} classes; set data.num_classes={num_labels} "
+            "(or fine-tune from it with finetune.checkpoint, which re-initialises the head)."
+        )
+
+
+def _variant(model_type: str, depths: list[int], dims: list[int]) -> str | None:
+    """The conf/model config of this family and size, if there is one."""
+    target = "ConvNeXtV2" if model_type == "convnextv2" else "ConvNeXt"
+    for path in sorted(MODEL_CONFIG_DIR.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        same_size = list(cfg.get("depths", [])) == depths and list(cfg.get("dims", [])) == dims
+        if same_size and cfg.get("_target_", "").rsplit(".", 1)[-1] == target:
+            return path.stem
+    return None

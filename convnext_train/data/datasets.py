@@ -20,7 +20,7 @@ from convnext_train.data.loaders import EpochSampler, Loaders, SeededSamples, ma
 from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.errors import UserError
 
-KINDS = ("imagefolder", "digits", "synthetic", "ffcv")
+KINDS = ("imagefolder", "digits", "synthetic", "ffcv", "hf", "wds")
 
 
 def build_loaders(
@@ -40,6 +40,12 @@ def build_loaders(
         from convnext_train.data.ffcv import ffcv_loaders
 
         return ffcv_loaders(
+            data_cfg, aug_cfg, seed=seed, batch_size=batch_size, device=device, rank=rank, world_size=world_size
+        )
+    if data_cfg.kind == "wds":
+        from convnext_train.data.wds import wds_loaders
+
+        return wds_loaders(
             data_cfg, aug_cfg, seed=seed, batch_size=batch_size, device=device, rank=rank, world_size=world_size
         )
     train_images, val_images = build_datasets(data_cfg, aug_cfg, seed=seed)
@@ -72,6 +78,10 @@ def build_val_loader(data_cfg: DictConfig, crop_pct: float, *, batch_size: int, 
         from convnext_train.data.ffcv import ffcv_val_loader
 
         return ffcv_val_loader(data_cfg, crop_pct, batch_size=batch_size, device=device)
+    if data_cfg.kind == "wds":
+        from convnext_train.data.wds import wds_val_loader
+
+        return wds_val_loader(data_cfg, crop_pct, batch_size=batch_size, device=device)
     images = val_dataset(data_cfg, crop_pct)
     sampler = EpochSampler(len(images), seed=0, shuffle=False, drop_last=False)
     return make_loader(
@@ -94,6 +104,10 @@ def build_datasets(
         from convnext_train.data.synthetic import synthetic_datasets
 
         return synthetic_datasets(data_cfg, seed=seed)
+    if data_cfg.kind == "hf":
+        from convnext_train.data.hf import hf_datasets
+
+        return hf_datasets(data_cfg, aug_cfg, seed=seed)
     root = Path(data_cfg.root)
     if data_cfg.kind == "digits":
         from convnext_train.data.digits import write_digits_imagefolder
@@ -123,6 +137,10 @@ def build_datasets(
 
 def val_dataset(data_cfg: DictConfig, crop_pct: float) -> SeededSamples:
     """The validation split alone, with the official eval transform (for eval.py)."""
+    if data_cfg.kind == "hf":
+        from convnext_train.data.hf import hf_val_dataset
+
+        return hf_val_dataset(data_cfg, crop_pct)
     images = ImageFolderDataset(data_cfg.root, data_cfg.val_split, transform=None, skip_corrupt=data_cfg.skip_corrupt)
     check_class_count(images, data_cfg.num_classes)
     return SeededSamples(images, eval_transform(data_cfg.img_size, crop_pct), seed=0)

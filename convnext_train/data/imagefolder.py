@@ -34,7 +34,7 @@ LAYOUT_HELP = (
 
 # What Pillow raises for a file it cannot decode: OSError (missing, unidentified, truncated),
 # SyntaxError (malformed chunks), ValueError (bad header values), DecompressionBombError (absurd size).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class UnreadableImageError(UserError):
@@ -47,7 +47,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise UnreadableImageError(
             f"cannot read image {path}: {error}. Replace or delete the file, or set "
             "data.skip_corrupt=true to train on the next readable image instead (each one is counted)"
