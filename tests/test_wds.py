@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -244,6 +245,29 @@ def test_two_processes_under_torchrun_see_every_training_image_once_per_epoch(wr
         assert [len(images) for images in ranks] == [32, 32]
         assert set(ranks[0]) | set(ranks[1]) == set(reference["train"])  # 64 distinct: once each
     assert epochs[0] != epochs[1]
+
+
+@pytest.mark.slow
+def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(written, tmp_path):
+    """The trainer's resume through the wds loader: one micro-batch per step, so the kill after step 5
+    leaves an odd number of batches consumed by two workers (the renumbering case), and both runs
+    use the same worker count (exact resume needs it)."""
+    from test_resume import EVERY_STEP, assert_ends_like, launch, wait_for
+    from test_train import TINY_RUN
+
+    run = [*TINY_RUN, "data=wds", f"data.root={written}", "data.num_workers=2", "trainer.micro_batch_size=16"]
+    reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    result = run_script("train.py", *run, f"hydra.run.dir={reference_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = [*run, f"hydra.run.dir={killed_dir}", EVERY_STEP]
+    process = launch(args)
+    wait_for(killed_dir / "checkpoints" / "step_000000005.pt", process)  # epoch 2, after its first batch
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    result = run_script("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert_ends_like(reference_dir, killed_dir)
 
 
 # --------------------------------------------------------------------------------------------------
