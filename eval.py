@@ -1,4 +1,4 @@
-"""Score a ConvNeXt checkpoint: `python eval.py model=convnext_t checkpoint=<file>`."""
+"""Score a ConvNeXt checkpoint: `python eval.py checkpoint=<file> data.root=<dir>` (model= is optional)."""
 
 import hydra
 from omegaconf import DictConfig

@@ -34,6 +34,7 @@ def refuse_moved_keys(overrides: list[str]) -> None:
 
 
 def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
+    fill_num_classes(cfg)
     _resolve(cfg)
     _require_set(cfg)
     t, opt, aug = cfg.trainer, cfg.optimizer, cfg.aug
@@ -121,6 +122,20 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     problems.raise_if_any()
 
 
+def fill_num_classes(cfg: DictConfig, split_key: str = "train_split") -> None:
+    """`data.num_classes: null` on an ImageFolder tree (data=imagefolder): the count of its class
+    folders, set before anything reads it (model.num_classes interpolates it; the recipe check on
+    resume and the checkpoint's config see the number). Without a data.root yet, `_require_set` speaks."""
+    data = cfg.data
+    if data.get("kind") != "imagefolder" or OmegaConf.is_missing(data, "num_classes") or data.num_classes is not None:
+        return
+    if OmegaConf.is_missing(data, "root") or data.root is None or data[split_key] is None:
+        return
+    from convnext_train.data.imagefolder import class_folders  # torchvision: only for this kind
+
+    data.num_classes = len(class_folders(data.root, data[split_key]))
+
+
 def _require_checkpoint(require: Callable[[bool, str, str], None], cfg: DictConfig, world_size: int) -> None:
     c = cfg.checkpoint
     require(_positive_int(c.keep_last), "checkpoint.keep_last", "must be a positive integer")
@@ -139,6 +154,7 @@ def _require_checkpoint(require: Callable[[bool, str, str], None], cfg: DictConf
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
+    fill_num_classes(cfg, split_key="val_split")  # the split eval.py reads
     _resolve(cfg)
     _require_set(cfg)
     e = cfg.eval

@@ -39,6 +39,7 @@ from convnext_train.engine import LossWindow, evaluate, optimizer_step
 from convnext_train.errors import UserError
 from convnext_train.metrics import RunLogger
 from convnext_train.models import build_model
+from convnext_train.next_steps import closing_summary, warn_if_small_from_scratch
 from convnext_train.parallelize import is_sharded, reshard
 from convnext_train.parts import TrainParts, build_parts
 from convnext_train.runtime import prepare_device, reseed_per_rank, resolve_device, seed_everything
@@ -82,6 +83,7 @@ class Run:
     logger: RunLogger
     checkpointer: Checkpointer
     state: TrainState
+    class_names: list[str] | None  # what each output index means (ImageFolder's folders); None: unnamed
 
     def save(self, epoch: int, best: tuple[str, ...] = ()) -> None:
         self.state.epoch = epoch
@@ -189,6 +191,8 @@ def train(run: Run) -> dict[str, Any]:
                 return stop(run, saved=True)
         summary = write_summary(run, wall_seconds=time.perf_counter() - started)
     checkpointer.finish()
+    if run.processes.is_main:
+        print(closing_summary(summary, run.cfg, run.run_dir, run.checkpointer.directory.directory), flush=True)
     return summary
 
 
@@ -267,6 +271,7 @@ def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
         "train_seconds": state.train_seconds,
         "images_per_sec": state.train_images / state.train_seconds if state.train_seconds else None,
         "skipped_images": state.skipped_images,
+        "class_names": run.class_names,
     }
     if run.parts.ema is not None:
         summary.update(
@@ -304,6 +309,8 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
             f"(trainer.global_batch_size={t.global_batch_size}): lower it or add data"
         )
 
+    if processes.is_main and checkpointer.resume_entry is None:
+        warn_if_small_from_scratch(cfg, loaders.train_length)
     model = build_model(cfg.model)
     if cfg.finetune.checkpoint and checkpointer.resume_entry is None:
         f = cfg.finetune
@@ -316,7 +323,12 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
     state = TrainState()
     reseed_per_rank(t.seed, processes)
     checkpointer.track(
-        model=parts.model, optimizer=parts.optimizer, ema=parts.ema, scaler=parts.scaler, train_state=state
+        model=parts.model,
+        optimizer=parts.optimizer,
+        ema=parts.ema,
+        scaler=parts.scaler,
+        train_state=state,
+        class_names=loaders.class_names,
     )
     resumed = checkpointer.load_latest()
     if resumed and state.steps_per_epoch not in (0, steps_per_epoch):  # 0: saved before it was recorded
@@ -356,4 +368,5 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
         logger=logger,
         checkpointer=checkpointer,
         state=state,
+        class_names=loaders.class_names,
     )

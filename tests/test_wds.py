@@ -248,7 +248,7 @@ def test_two_processes_under_torchrun_see_every_training_image_once_per_epoch(wr
 
 
 @pytest.mark.slow
-def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(written, tmp_path):
+def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(tree, written, tmp_path):
     """The trainer's resume through the wds loader: one micro-batch per step, so the kill after step 5
     leaves an odd number of batches consumed by two workers (the renumbering case), and both runs
     use the same worker count (exact resume needs it)."""
@@ -268,6 +268,9 @@ def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(written, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     assert_ends_like(reference_dir, killed_dir)
+    # write_wds's index names the classes; the checkpoints carry them for eval.py and predict.py.
+    saved = torch.load(killed_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["class_names"] == sorted(path.name for path in (tree / "train").iterdir())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from convnext_train import preemption
 from convnext_train.atomic import DiskFullError
 from convnext_train.checkpointing.layout import META_FILE, CheckpointDir, Entry, resolve_format, step_name
 from convnext_train.checkpointing.lock import RunLock
-from convnext_train.checkpointing.recipe import check_recipe
+from convnext_train.checkpointing.recipe import check_class_names, check_recipe
 from convnext_train.checkpointing.report import SaveReport, measure_peak_rss
 from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from convnext_train.checkpoints.sharded import SafePlanner, SafeReader
@@ -75,6 +75,7 @@ class Checkpointer:
         self._cached: dict[str, Any] | None = None  # rank 0's read of the latest checkpoint
         self._pending = None  # an async save in flight: (future, temporary, step, links)
         self._parts: dict[str, Any] = {}
+        self.class_names: list[str] | None = None
         self._last_save_time = time.monotonic()
         found, problem = None, None
         if processes.is_main:
@@ -125,8 +126,12 @@ class Checkpointer:
         ema: WeightEma | None,
         scaler: torch.amp.GradScaler,
         train_state: TrainStateLike,
+        class_names: Sequence[str] | None = None,
     ) -> None:
+        """`class_names`: what each output index means (the data's, e.g. ImageFolder's folders), saved
+        in every checkpoint as `class_names` for eval.py and predict.py; None leaves the key out."""
         self._parts = {"model": model, "optimizer": optimizer, "ema": ema, "scaler": scaler, "state": train_state}
+        self.class_names = None if class_names is None else list(class_names)
 
     def load_latest(self) -> bool:
         """Restore every tracked part from the checkpoint found at start-up; False for a fresh run."""
@@ -136,6 +141,7 @@ class Checkpointer:
         p = self._parts
         meta = self._cached if self._cached is not None else self.directory.read(entry)
         self._cached = None
+        check_class_names(meta.get("class_names"), self.class_names, entry.path)
         try:
             if entry.sharded:
                 self._load_sharded(entry)
@@ -268,6 +274,9 @@ class Checkpointer:
             "train_state": p["state"].state_dict(),
             "scaler": p["scaler"].state_dict(),
             "rng": gather_objects(rng_state(), self.processes),  # one entry per rank
+            # In a sharded checkpoint this goes to meta.pt, which reading the directory (and so
+            # `consolidate`) merges into the one dict: the names survive every layout.
+            **({"class_names": self.class_names} if self.class_names is not None else {}),
         }
 
     def _save(self, best: list[str]) -> None:

@@ -94,3 +94,20 @@ def check_recipe(
 
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_class_names(saved: list[str] | None, now: list[str] | None, checkpoint: object) -> None:
+    """data.root is not part of the recipe check, so another tree with as many classes would resume
+    silently with each output index meaning another class: the class names are compared instead
+    (when both the checkpoint and the data have them)."""
+    if saved is None or now is None or saved == now:
+        return
+    if len(saved) != len(now):
+        where = f"{len(saved)} classes, the data has {len(now)}"
+    else:
+        index = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
+        where = f"{saved[index]!r} as class {index}, the data has {now[index]!r} there"
+    raise UserError(
+        f"the checkpoint {checkpoint} was trained with {where}; resume on the same class folders, or start a "
+        "new run from its weights (finetune.checkpoint=..., another hydra.run.dir)"
+    )

@@ -21,7 +21,7 @@ from convnext_train.checkpoints.files import read_checkpoint
 from convnext_train.checkpoints.layouts import FCMAE_MISSING, architecture, detect_format, is_v2, to_official
 from convnext_train.models.table import MODEL_CONFIG_DIR
 
-__all__ = ["load_pretrained", "load_weights", "state_dict_from_checkpoint"]
+__all__ = ["load_pretrained", "load_weights", "state_dict_from_checkpoint", "variant_named"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def _check_hf_config(model: nn.Module, checkpoint: Mapping[str, Any], *, labels:
             if shape is None
             else f"a {_FAMILIES['convnextv2' if is_v2(ours) else 'convnext']} with depths {shape[0]}, dims {shape[1]}"
         )
-        variant = _variant(config["model_type"], depths, dims)
+        variant = variant_named(config["model_type"], depths, dims)
         fix = (
             f"use model={variant}"
             if variant
@@ -190,7 +190,7 @@ def _check_hf_config(model: nn.Module, checkpoint: Mapping[str, Any], *, labels:
         )
 
 
-def _variant(model_type: str, depths: list[int], dims: list[int]) -> str | None:
+def variant_named(model_type: str, depths: list[int], dims: list[int]) -> str | None:
     """The conf/model config of this family and size, if there is one."""
     target = "ConvNeXtV2" if model_type == "convnextv2" else "ConvNeXt"
     for path in sorted(MODEL_CONFIG_DIR.glob("*.yaml")):

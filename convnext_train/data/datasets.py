@@ -69,6 +69,7 @@ def build_loaders(
         train_length=len(train_images),
         start_at=train_sampler.set_position,
         val=val,
+        class_names=getattr(train_images.images, "classes", None),  # ImageFolder's (and hf's ClassLabel names)
     )
 
 

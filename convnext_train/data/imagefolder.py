@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 
 from convnext_train.errors import UserError
 
@@ -22,6 +23,7 @@ __all__ = [
     "Sample",
     "UnreadableImageError",
     "check_class_count",
+    "class_folders",
     "load_image",
     "train_and_val_datasets",
 ]
@@ -83,11 +85,7 @@ class ImageFolderDataset(ImageFolder):
         skip_corrupt: bool = False,
     ) -> None:
         root = Path(root)
-        split_dir = root / split
-        if not root.is_dir():
-            raise UserError(f"data root {root} does not exist or is not a directory; {LAYOUT_HELP}")
-        if not split_dir.is_dir():
-            raise UserError(f"split {split!r} not found: {split_dir} is not a directory; {LAYOUT_HELP}")
+        split_dir = split_directory(root, split)
         try:
             super().__init__(split_dir, transform=transform, loader=load_image)
         except FileNotFoundError as error:  # torchvision's words for "no class folders" / "no images"
@@ -137,6 +135,27 @@ def train_and_val_datasets(
     if num_classes is not None:
         check_class_count(train, num_classes)
     return train, val
+
+
+def split_directory(root: Path, split: str) -> Path:
+    """`<root>/<split>`, or one line saying which of the two is missing."""
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist or is not a directory; {LAYOUT_HELP}")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(f"split {split!r} not found: {split_dir} is not a directory; {LAYOUT_HELP}")
+    return split_dir
+
+
+def class_folders(root: str | Path, split: str) -> list[str]:
+    """The class names of `<root>/<split>` (its sub-folders, sorted), in the order ImageFolder numbers
+    them: what `data.num_classes: null` counts before the model is built, without listing any image."""
+    root = Path(root)
+    split_dir = split_directory(root, split)
+    try:
+        return find_classes(split_dir)[0]  # torchvision's own rule, so the indices match ImageFolder's
+    except FileNotFoundError as error:
+        raise UserError(f"split {split!r} in {root} has no class folders: {error}; {LAYOUT_HELP}") from error
 
 
 def check_class_count(images: ImageFolderDataset, num_classes: int) -> None:

@@ -26,6 +26,9 @@ class Loaders:
     # (epoch, samples this process has already consumed in it): where the next pass over `train` starts
     start_at: Callable[[int, int], None]
     val: Iterable | None  # this process's shard of the validation set; None: no validation split
+    # The class of each target index (ImageFolder's folder names); None where the data has no names
+    # (synthetic images, shards without them): checkpoints and summary.json then say nothing.
+    class_names: list[str] | None = None
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -92,7 +92,11 @@ def wds_loaders(
             device,
         )
     return Loaders(
-        train=_loader(train, data_cfg, device), train_length=train_set.num_samples, start_at=train.set_position, val=val
+        train=_loader(train, data_cfg, device),
+        train_length=train_set.num_samples,
+        start_at=train.set_position,
+        val=val,
+        class_names=train_set.classes,  # write_wds's index has them; other shards: None
     )
 
 

@@ -1,0 +1,125 @@
+"""What eval.py and predict.py share: the model a checkpoint holds, built without being told which it
+is, with its class names and the preprocessing size it was trained at.
+
+The architecture comes, first to last, from `model=` on the command line, our training checkpoint's
+saved `config`, a Hugging Face directory's config.json, or the weights' own shapes: depths and widths
+can be read off the official layout (which every supported format converts to), and the conf/model
+config of that size is the one that fits (`checkpoints.weights` already matches config.json to it;
+the same lookup serves here). The class count is the head's. An explicit `model=` that does not fit
+names the one that does, rather than the tensors that differ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from convnext_train.checkpoints import CheckpointError, load_weights, read_checkpoint, state_dict_from_checkpoint
+from convnext_train.checkpoints.layouts import architecture, is_v2, to_official
+from convnext_train.checkpoints.weights import variant_named
+from convnext_train.errors import UserError
+from convnext_train.models import build_model
+from convnext_train.models.table import MODEL_CONFIG_DIR
+
+
+@dataclass
+class CheckpointModel:
+    model: nn.Module  # on the CPU, weights loaded, in eval mode
+    model_cfg: DictConfig  # what built it (num_classes set): for GMACs and the like
+    variant: str  # the conf/model name, or the class name when no config has this size
+    class_names: list[str]
+    img_size: int | None  # what it was trained at, when the checkpoint says
+    crop_pct: float | None
+
+
+def load_checkpoint_model(
+    path: str | os.PathLike,
+    model_cfg: DictConfig | None,
+    *,
+    given_variant: str | None = None,
+    num_classes: int | None = None,
+    use_ema: bool = False,
+    trusted: bool = False,
+) -> CheckpointModel:
+    """The model in checkpoint `path`; `model_cfg` is the `model=` given on the command line (None:
+    take the checkpoint's), `num_classes` the class count given (None: the head's)."""
+    checkpoint = read_checkpoint(path, trusted=trusted)
+    weights = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
+    if "head.weight" not in weights:
+        raise CheckpointError(
+            f"{path} has no classifier head (head.weight): it is a pre-training checkpoint; fine-tune it first "
+            "(train.py finetune.checkpoint=...)."
+        )
+    head_classes = weights["head.weight"].shape[0]
+    if num_classes is not None and num_classes != head_classes:
+        raise CheckpointError(
+            f"{path} has a {head_classes}-class head but data.num_classes={num_classes}; "
+            f"set data.num_classes={head_classes}, or leave it out to take the checkpoint's."
+        )
+    shape = architecture(weights)
+    family = "convnextv2" if is_v2(weights) else "convnext"
+    fits = variant_named(family, *shape) if shape is not None else None
+    saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
+
+    if model_cfg is not None:
+        _refuse_other_architecture(path, model_cfg, given_variant, fits, shape, family)
+        cfg, variant = model_cfg.copy(), given_variant or _class_name(model_cfg)
+    elif isinstance(saved.get("model"), Mapping):
+        cfg = OmegaConf.create(dict(saved["model"]))
+        variant = fits or _class_name(cfg)
+    elif fits is not None:
+        cfg, variant = OmegaConf.load(MODEL_CONFIG_DIR / f"{fits}.yaml"), fits
+    else:
+        size = f"depths {shape[0]}, dims {shape[1]}" if shape else "isotropic"
+        raise UserError(
+            f"cannot tell which model {path} holds (a {family} of {size}, which no conf/model config has): "
+            "pass model=<variant> and its model.depths / model.dims"
+        )
+    cfg.num_classes = head_classes
+    model = build_model(cfg)
+    load_weights(model, checkpoint, use_ema=use_ema)
+    hf = checkpoint.get("hf_config") or {}
+    img_size = saved.get("data", {}).get("img_size") or hf.get("image_size")
+    return CheckpointModel(
+        model=model.eval(),
+        model_cfg=cfg,
+        variant=variant,
+        class_names=class_names(checkpoint, head_classes),
+        img_size=img_size,
+        crop_pct=saved.get("aug", {}).get("crop_pct"),
+    )
+
+
+def class_names(checkpoint: Mapping[str, Any], count: int) -> list[str]:
+    """The names a training run stored (`class_names`), or config.json's id2label, or "class <i>"."""
+    names = checkpoint.get("class_names")
+    if not names and (checkpoint.get("hf_config") or {}).get("id2label"):
+        id2label = checkpoint["hf_config"]["id2label"]
+        names = [id2label.get(str(i), id2label.get(i)) for i in range(count)]
+    if names and len(names) == count and all(isinstance(name, str) for name in names):
+        return list(names)
+    return [f"class {i}" for i in range(count)]
+
+
+def _refuse_other_architecture(path, model_cfg, given_variant, fits, shape, family) -> None:
+    """One line naming the variant that fits, where load_state_dict would list every tensor."""
+    with_meta = OmegaConf.merge(model_cfg, {"num_classes": 1})
+    with torch.device("meta"):
+        ours = build_model(with_meta).state_dict()
+    if fits is None or (architecture(ours) == shape and is_v2(ours) == (family == "convnextv2")):
+        return  # the same size (or one no config names): loading says what differs, if anything
+    given = given_variant or _class_name(model_cfg)
+    raise CheckpointError(
+        f"this checkpoint ({path}) is a {fits}, a different architecture than model={given} (its tensor shapes "
+        f"differ): add model={fits}, or leave model= out to take the checkpoint's."
+    )
+
+
+def _class_name(model_cfg: Mapping[str, Any]) -> str:
+    return str(model_cfg.get("_target_", "model")).rsplit(".", 1)[-1]

@@ -1,0 +1,164 @@
+"""A user's own ImageFolder tree, trained as the README says: `data=imagefolder` without
+data.num_classes (counted from the class folders), the class names in summary.json and in every
+checkpoint layout, the closing summary and its commands, `experiment=finetune` from a checkpoint of
+another class count, and the one-line note that a small dataset is better fine-tuned."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, build_model, make_imagefolder, randomize_, run_script
+from hydra import compose, initialize_config_dir
+
+from convnext_train.checkpointing import consolidate
+from convnext_train.checkpoints import read_checkpoint
+from convnext_train.config import validate_train_config
+
+CLASSES = [f"class_{c}" for c in range(4)]  # make_imagefolder's folder names
+SCRATCH_NOTE = "unlikely to do well"
+# ConvNeXt-atto at 32 px, 64 training images: 4 steps of 16 (2 micro-batches) in one epoch.
+TINY = [
+    "model=convnext_atto",
+    "data.img_size=32",
+    "data.num_workers=0",
+    "trainer.epochs=1",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=8",
+    "trainer.precision=fp32",
+    "trainer.log_every=2",
+    "scheduler.warmup_epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def tree(module_tmp_path) -> Path:
+    return make_imagefolder(module_tmp_path / "my_images", classes=4)
+
+
+def run_dir_like_hydras(parent: Path) -> Path:
+    # Hydra names run directories after the overrides: `=` and `,` in the path, which the printed
+    # commands must quote for Hydra's override grammar.
+    return parent / "outputs" / "data.img_size=32,model=convnext_atto"
+
+
+@pytest.fixture(scope="module")
+def scratch(tree, module_tmp_path):
+    run_dir = run_dir_like_hydras(module_tmp_path / "scratch")
+    args = ["data=imagefolder", f"data.root={tree}", *TINY, f"hydra.run.dir='{run_dir}'"]
+    result = run_script("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result, args
+
+
+@pytest.fixture(scope="module")
+def finetuned(tree, module_tmp_path):
+    """experiment=finetune from a 10-class ConvNeXt-atto state dict, written as a sharded checkpoint."""
+    pretrained = randomize_(build_model("convnext_atto", num_classes=10)).state_dict()
+    torch.save(pretrained, module_tmp_path / "atto_10_classes.pt")
+    run_dir = module_tmp_path / "finetuned"
+    args = [
+        "experiment=finetune",
+        f"finetune.checkpoint={module_tmp_path / 'atto_10_classes.pt'}",
+        f"data.root={tree}",
+        *TINY,
+        "checkpoint.format=dcp",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = run_script("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result, pretrained
+
+
+def test_num_classes_null_counts_the_class_folders_before_the_model_is_built(tree):
+    # Composed as train.py gets it: model.num_classes still the interpolation ${data.num_classes}.
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("train", overrides=["model=convnext_atto", "data=imagefolder", f"data.root={tree}"])
+    assert cfg.data.num_classes is None
+    validate_train_config(cfg)
+    assert cfg.data.num_classes == 4 and cfg.model.num_classes == 4
+
+
+@pytest.mark.slow
+def test_a_run_from_scratch_names_its_classes_and_ends_with_the_next_commands(scratch):
+    run_dir, result, _ = scratch
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["class_names"] == CLASSES
+    best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert best["class_names"] == CLASSES
+    assert best["config"]["data"]["num_classes"] == 4 and best["model"]["head.weight"].shape[0] == 4
+    assert read_checkpoint(run_dir / "checkpoints" / "last.pt")["class_names"] == CLASSES
+
+    lines = result.stdout.splitlines()
+    assert sum(SCRATCH_NOTE in line for line in lines) == 1  # once, and the run went on
+    assert "experiment=finetune" in next(line for line in lines if SCRATCH_NOTE in line)
+    tail = lines[lines.index(next(line for line in lines if line.startswith("done: "))) :]
+    assert f"top-1: best {summary['best_top1']:.2f}%, final {summary['top1']:.2f}%" in tail
+    assert f"EMA top-1: best {summary['best_top1_ema']:.2f}%, final {summary['top1_ema']:.2f}%" in tail
+    assert f"run directory: {run_dir}" in tail
+    commands = {line.split()[1]: shlex.split(line, comments=True) for line in tail if line.startswith("  python ")}
+    assert commands.keys() == {"eval.py", "-m", "predict.py"}
+    # Hydra-quoted (the directory's `=` and `,`); the eval command is read back by Hydra below.
+    assert commands["predict.py"][2:] == [
+        f'checkpoint="{run_dir}/checkpoints/best.pt"',
+        "images=/path/to/new/images",
+    ]
+
+
+@pytest.mark.slow
+def test_the_printed_eval_and_plot_commands_run_on_this_run(scratch, tree):
+    run_dir, result, _ = scratch
+    printed = {
+        line.split()[1]: shlex.split(line, comments=True)
+        for line in result.stdout.splitlines()
+        if line.startswith("  python ")
+    }
+    # Hydra reads the eval command back as this run's checkpoint and data (without running the eval).
+    eval_args = printed["eval.py"][2:]
+    job = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), *eval_args, "--cfg", "job"], cwd=REPO, capture_output=True, text=True
+    )
+    assert job.returncode == 0, job.stderr[-2000:]
+    composed = yaml.safe_load(job.stdout)
+    assert composed["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")
+    assert composed["data"]["root"] == str(tree) and composed["data"]["img_size"] == 32
+    plot = subprocess.run([sys.executable, *printed["-m"][1:]], cwd=REPO, capture_output=True, text=True)
+    assert plot.returncode == 0, plot.stderr[-2000:]
+    assert (run_dir / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_resuming_on_other_class_folders_stops_naming_the_class(scratch, tree, tmp_path):
+    run_dir, _, args = scratch
+    renamed = shutil.copytree(tree, tmp_path / "renamed")
+    for split in ("train", "val"):
+        (renamed / split / "class_3").rename(renamed / split / "class_x")
+    result = run_script("train.py", *[f"data.root={renamed}" if a.startswith("data.root=") else a for a in args])
+    assert result.returncode == 2
+    assert "'class_3' as class 3, the data has 'class_x' there" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_the_checkpoint_with_a_fresh_head_and_keeps_the_names_when_consolidated(
+    finetuned, tmp_path
+):
+    run_dir, result, pretrained = finetuned
+    assert SCRATCH_NOTE not in result.stdout
+    assert "the head is re-initialised for 4 classes" in result.stdout
+    best = run_dir / "checkpoints" / "best"
+    assert best.is_dir()  # sharded: the names travel in its meta.pt
+    consolidate(best, tmp_path / "model.pt")
+    tuned = read_checkpoint(tmp_path / "model.pt")
+    assert tuned["class_names"] == CLASSES
+    assert tuned["model"]["head.weight"].shape[0] == 4
+    # Layer decay leaves the stem at ~5% of a small lr for 4 steps: still the pre-trained weights.
+    stem = tuned["model"]["downsample_layers.0.0.weight"]
+    assert (stem - pretrained["downsample_layers.0.0.weight"]).norm() < 0.01 * stem.norm()
+    assert f"checkpoint={best}" in result.stdout  # the closing summary names the sharded checkpoint
