@@ -1,10 +1,12 @@
 """A user's own ImageFolder tree, trained as the README says: `data=imagefolder` without
 data.num_classes (counted from the class folders), the class names in summary.json and in every
 checkpoint layout, the closing summary and its commands, `experiment=finetune` from a checkpoint of
-another class count, and the one-line note that a small dataset is better fine-tuned."""
+another class count, the one-line note that a small dataset is better fine-tuned, and the printed
+eval / predict / plot commands run on the trained checkpoint (the README's three commands)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shlex
 import shutil
@@ -14,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import REPO, build_model, make_imagefolder, randomize_, run_script
 from hydra import compose, initialize_config_dir
 
@@ -113,22 +114,39 @@ def test_a_run_from_scratch_names_its_classes_and_ends_with_the_next_commands(sc
 
 
 @pytest.mark.slow
-def test_the_printed_eval_and_plot_commands_run_on_this_run(scratch, tree):
+def test_the_printed_eval_predict_and_plot_commands_run_on_this_run(scratch, tree, tmp_path):
+    """The three commands as a user walks them: train (the fixture), then the printed eval command
+    (no model=, no data.num_classes) scores the run's best.pt as training's last evaluation did, and
+    predict.py names this tree's classes and lists the file it cannot read."""
     run_dir, result, _ = scratch
     printed = {
         line.split()[1]: shlex.split(line, comments=True)
         for line in result.stdout.splitlines()
         if line.startswith("  python ")
     }
-    # Hydra reads the eval command back as this run's checkpoint and data (without running the eval).
-    eval_args = printed["eval.py"][2:]
-    job = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), *eval_args, "--cfg", "job"], cwd=REPO, capture_output=True, text=True
-    )
-    assert job.returncode == 0, job.stderr[-2000:]
-    composed = yaml.safe_load(job.stdout)
-    assert composed["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")
-    assert composed["data"]["root"] == str(tree) and composed["data"]["img_size"] == 32
+    evaluated = run_script("eval.py", *printed["eval.py"][2:], f"hydra.run.dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    scores = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert scores["model"] == "convnext_atto" and scores["img_size"] == 32 and scores["images"] == 16
+    assert scores["top1"] == pytest.approx(summary["best_top1"])  # one epoch: best.pt is the last evaluation
+    assert set(scores["per_class"]) == set(CLASSES)
+
+    images = shutil.copytree(tree / "val", tmp_path / "new_shots")
+    (images / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    predictions = tmp_path / "predictions.csv"
+    predict_args = [a for a in printed["predict.py"][2:] if not a.startswith("images=")]
+    predicted = run_script("predict.py", *predict_args, f"images={images}", f"out={predictions}", "topk=2")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    with predictions.open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 17  # 16 images and the unreadable one
+    (broken,) = [row for row in rows if row["error"]]
+    assert broken["path"].endswith("broken.jpg") and not broken["class_1"]
+    readable = [row for row in rows if not row["error"]]
+    assert all(row["class_1"] in CLASSES and row["class_2"] in CLASSES for row in readable)
+    assert all(float(row["prob_1"]) >= float(row["prob_2"]) for row in readable)
+
     plot = subprocess.run([sys.executable, *printed["-m"][1:]], cwd=REPO, capture_output=True, text=True)
     assert plot.returncode == 0, plot.stderr[-2000:]
     assert (run_dir / "curves.png").stat().st_size > 0
