@@ -272,6 +272,7 @@ def _agreement_worker(rank: int, port: int, out: str) -> None:
     assert processes.timeout == timedelta(minutes=0.05)
 
 
+@pytest.mark.slow
 def test_every_rank_acts_on_any_ranks_flag_at_the_same_step_and_waits_out_slow_work(tmp_path):
     import socket
 

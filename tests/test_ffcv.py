@@ -362,6 +362,7 @@ def one_rank(photos):
     return ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU)
 
 
+@pytest.mark.slow
 def test_each_epoch_is_epoch_samplers_order_and_two_ranks_partition_it(one_rank, two_ranks):
     assert one_rank.train_length == 160
     for epoch in (0, 1):
@@ -421,6 +422,7 @@ def test_quasi_random_order_is_a_seeded_permutation_shared_out_like_the_random_o
     assert indices_of(epoch_batches(ranks[0], 0, start=32)) == epoch0[0][32:]
 
 
+@pytest.mark.slow
 def test_pixels_do_not_depend_on_the_number_of_decoding_threads(photos, one_rank):
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=2)
     two_threads = ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU)
@@ -523,6 +525,7 @@ def test_crop_and_flip_statistics_match_the_imagefolder_path(coordinates):
         assert abs(flips.mean() - 0.5) < 0.1  # 3.2 standard deviations of a binomial(256, 0.5)
 
 
+@pytest.mark.slow
 def test_the_decoders_rand_augment_is_the_standalone_one_bit_for_bit(photos, tmp_path):
     """RandAugment inside FFCV's compiled decoder gives each crop exactly what `rand_augment` (tested
     bit for bit against timm's PIL ops) gives it with the image's key, computed in a fresh process

@@ -119,7 +119,11 @@ WORKER = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "strategy, compiled",
-    [("ddp", "eager"), ("fsdp", "eager"), pytest.param("fsdp", "compiled", marks=pytest.mark.slow)],
+    [
+        ("ddp", "eager"),
+        pytest.param("fsdp", "eager", marks=pytest.mark.slow),
+        pytest.param("fsdp", "compiled", marks=pytest.mark.slow),
+    ],
 )
 def test_gradients_sync_on_the_last_micro_batch_only_and_match_one_process(strategy, compiled, tmp_path):
     """Compiled: each stage compiled in place before sharding (about a minute of Inductor on 2 CPU cores)."""

@@ -335,6 +335,7 @@ def test_lr_of_every_imagenet_step_equals_the_official_cosine_scheduler(model, e
 # --------------------------------------------------------------------------------------------------
 # The CLI composes the same configs; the README table is current
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_py_composes_the_same_configs_and_names_a_missing_row():
     commands = [
         [f"model={c.model}", *([f"experiment={c.experiment}"] if c.experiment else []), *c.overrides] for c in CASES
@@ -392,6 +393,7 @@ def last_checkpoint(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_the_full_imagenet_recipe_trains_end_to_end(two_classes, tmp_path):
     # Every augmentation and regulariser of the recipe on: only data, batch, epochs and precision
     # shrink, and the 20 warmup epochs, which cannot fit into one.

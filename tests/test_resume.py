@@ -197,6 +197,7 @@ def test_convnext_t_saves_and_exits_within_seconds_of_sigterm(tiny_imagefolder, 
 # --------------------------------------------------------------------------------------------------
 # A changed recipe
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_resume_that_changes_the_recipe_is_refused_naming_each_key_then_allowed_on_purpose(
     reference, tiny_imagefolder, tmp_path
 ):

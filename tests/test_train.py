@@ -247,23 +247,32 @@ def test_unknown_model_lists_the_variants(tmp_path, tiny_imagefolder):
     assert "Traceback" not in result.stderr
 
 
+# Two of these run in the fast set; each is a train.py start-up (~7 s), so the rest are marked slow.
 @pytest.mark.parametrize(
     "override, key",
     [
         ("trainer.precision=fp8", "trainer.precision=fp8"),
-        ("trainer.global_batch_size=12", "trainer.global_batch_size=12"),
-        ("optimizer.lr=-1", "optimizer.lr=-1"),
-        ("aug.reprob=1.5", "aug.reprob=1.5"),
-        ("ema.decay=1", "ema.decay=1"),
-        ("trainer.strategy=zero3", "trainer.strategy=zero3"),
-        ("trainer.strategy=fsdp trainer.precision=fp16", "fp16 is not supported with trainer.strategy=fsdp"),
-        ("trainer.seed=-1", "trainer.seed=-1"),
-        ("aug.remode=zeros", "aug.remode=zeros"),
-        ("aug.auto_augment=rand-m9-x1", "aug.auto_augment=rand-m9-x1"),  # timm only asserts
-        ("checkpoint.format=zip", "checkpoint.format=zip"),
+        pytest.param("trainer.global_batch_size=12", "trainer.global_batch_size=12", marks=pytest.mark.slow),
+        pytest.param("optimizer.lr=-1", "optimizer.lr=-1", marks=pytest.mark.slow),
+        pytest.param("aug.reprob=1.5", "aug.reprob=1.5", marks=pytest.mark.slow),
+        pytest.param("ema.decay=1", "ema.decay=1", marks=pytest.mark.slow),
+        pytest.param("trainer.strategy=zero3", "trainer.strategy=zero3", marks=pytest.mark.slow),
+        pytest.param(
+            "trainer.strategy=fsdp trainer.precision=fp16",
+            "fp16 is not supported with trainer.strategy=fsdp",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("trainer.seed=-1", "trainer.seed=-1", marks=pytest.mark.slow),
+        pytest.param("aug.remode=zeros", "aug.remode=zeros", marks=pytest.mark.slow),
+        pytest.param(
+            "aug.auto_augment=rand-m9-x1", "aug.auto_augment=rand-m9-x1", marks=pytest.mark.slow
+        ),  # timm only asserts
+        pytest.param("checkpoint.format=zip", "checkpoint.format=zip", marks=pytest.mark.slow),
         ("checkpoint.async_save=true", "needs checkpoint.format=dcp (it is full here)"),
-        ("checkpoint.keep_last=0", "checkpoint.keep_last=0"),
-        ("trainer.slow_work_timeout_minutes=0", "trainer.slow_work_timeout_minutes=0"),
+        pytest.param("checkpoint.keep_last=0", "checkpoint.keep_last=0", marks=pytest.mark.slow),
+        pytest.param(
+            "trainer.slow_work_timeout_minutes=0", "trainer.slow_work_timeout_minutes=0", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_invalid_config_value_fails_before_any_compute(tmp_path, tiny_imagefolder, override, key):
@@ -273,6 +282,7 @@ def test_invalid_config_value_fails_before_any_compute(tmp_path, tiny_imagefolde
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_named_and_can_be_skipped(tmp_path):
     from conftest import make_imagefolder
 
@@ -341,6 +351,7 @@ def test_eval_scores_checkpoints_and_agrees_with_training(finished_run, tiny_ima
     assert "| convnext_atto |" in result.stdout and "(EMA)" in result.stdout
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_what_metrics_jsonl_holds(tiny_imagefolder, tmp_path):
     from test_metrics import offline_runs, wandb_history, wandb_summary
 
