@@ -45,7 +45,7 @@ import numpy as np
 
 from convnext_train.atomic import fsync_path, process_alive, write_text_atomically
 from convnext_train.data.ffcv import FFCV_IMPORT_ERROR, RECORD_FORMAT, read_record, record_path, require_ffcv
-from convnext_train.data.imagefolder import ImageFolderDataset, UnreadableImageError, train_and_val_datasets
+from convnext_train.data.imagefolder import ImageFolderDataset, UnreadableImageError, read_splits
 from convnext_train.errors import UserError, exit_on_user_error
 
 if FFCV_IMPORT_ERROR is None:
@@ -155,21 +155,6 @@ def check_settings(settings: Settings, workers: int) -> None:
         problems.append(f"--workers {workers}: must be at least 1")
     if problems:
         raise UserError("; ".join(problems))
-
-
-def read_splits(root: Path, splits: Sequence[str]) -> dict[str, ImageFolderDataset]:
-    """The ImageFolder splits, checked (as the trainer checks them) to share one class list."""
-    if len(splits) == 2:
-        train, val = train_and_val_datasets(root, splits[0], splits[1], train_transform=None, val_transform=None)
-        return {splits[0]: train, splits[1]: val}
-    images = {split: ImageFolderDataset(root, split) for split in splits}
-    first = next(iter(images.values()))
-    for other in images.values():
-        if other.classes != first.classes:
-            raise UserError(
-                f"{other.split_dir} and {first.split_dir} have different class folders; the splits must share one class list"
-            )
-    return images
 
 
 # --------------------------------------------------------------------------------------------------

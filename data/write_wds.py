@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from convnext_train.atomic import fsync_path, process_alive, write_text_atomically
-from convnext_train.data.imagefolder import ImageFolderDataset, UnreadableImageError, load_image, train_and_val_datasets
+from convnext_train.data.imagefolder import ImageFolderDataset, UnreadableImageError, load_image, read_splits
 from convnext_train.data.wds_shards import INDEX_FORMAT, index_path, require_webdataset
 from convnext_train.errors import UserError, exit_on_user_error
 
@@ -77,19 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, images in read_splits(args.root, args.splits).items():
         print(write_split(split, images, args), flush=True)
     return 0
-
-
-def read_splits(root: Path, splits: Sequence[str]) -> dict[str, ImageFolderDataset]:
-    """The ImageFolder splits, checked (as the trainer checks them) to share one class list."""
-    if len(splits) == 2:
-        train, val = train_and_val_datasets(root, splits[0], splits[1], train_transform=None, val_transform=None)
-        return {splits[0]: train, splits[1]: val}
-    images = {split: ImageFolderDataset(root, split) for split in splits}
-    first = next(iter(images.values()))
-    for other in images.values():
-        if other.classes != first.classes:
-            raise UserError(f"{other.split_dir} and {first.split_dir} have different class folders")
-    return images
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from conftest import REPO, run_script
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from omegaconf import OmegaConf
-from test_resume import EVERY_STEP, assert_ends_like, launch, wait_for
+from test_resume import EVERY_STEP, assert_ends_like, kill_once_saved
 from test_train import TINY_RUN, assert_user_error, load, read_jsonl, relative_difference
 from torchvision.datasets import ImageFolder
 
@@ -292,10 +291,7 @@ def test_a_run_killed_mid_epoch_resumes_bitwise_equal(uninterrupted, layouts, tm
     # One loader worker here, none in the uninterrupted run: the dataset is pickled into a worker
     # process, and what it yields must not depend on that either.
     args = hf_run(layouts["hub parquet"], run_dir, EVERY_STEP, "data.num_workers=1")
-    process = launch(args)
-    wait_for(run_dir / "checkpoints" / "step_000000006.pt", process)  # mid-epoch 2
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    kill_once_saved(args, run_dir / "checkpoints" / "step_000000006.pt")  # mid-epoch 2
     result = run_script("train.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout

@@ -82,6 +82,14 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
         time.sleep(0.05)
 
 
+def kill_once_saved(args: list[str], checkpoint: Path) -> None:
+    """train.py killed with SIGKILL (no handler runs) as soon as `checkpoint` appears."""
+    process = launch(args)
+    wait_for(checkpoint, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+
 def assert_ends_like(reference: Path, run_dir: Path) -> None:
     expected, final = load(reference / "checkpoints" / "last.pt"), load(run_dir / "checkpoints" / "last.pt")
     for key in ("model", "model_ema", "optimizer", "scaler", "step", "epoch"):
@@ -104,10 +112,7 @@ def test_killed_and_resumed_run_ends_bitwise_equal(reference, tiny_imagefolder, 
     run_dir = tmp_path / "killed"
     # One worker process here, none in the reference: the data must not depend on it either.
     args = tiny_run(tiny_imagefolder, run_dir, EVERY_STEP, "data.num_workers=1")
-    process = launch(args)
-    wait_for(run_dir / "checkpoints" / "step_000000006.pt", process)  # mid-epoch 2
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    kill_once_saved(args, run_dir / "checkpoints" / "step_000000006.pt")  # mid-epoch 2
     # The newest checkpoint is damaged too (a disk filled up, say): resume must fall back a step.
     newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -252,7 +251,7 @@ def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(tree, written
     """The trainer's resume through the wds loader: one micro-batch per step, so the kill after step 5
     leaves an odd number of batches consumed by two workers (the renumbering case), and both runs
     use the same worker count (exact resume needs it)."""
-    from test_resume import EVERY_STEP, assert_ends_like, launch, wait_for
+    from test_resume import EVERY_STEP, assert_ends_like, kill_once_saved
     from test_train import TINY_RUN
 
     run = [*TINY_RUN, "data=wds", f"data.root={written}", "data.num_workers=2", "trainer.micro_batch_size=16"]
@@ -260,10 +259,7 @@ def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(tree, written
     result = run_script("train.py", *run, f"hydra.run.dir={reference_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     args = [*run, f"hydra.run.dir={killed_dir}", EVERY_STEP]
-    process = launch(args)
-    wait_for(killed_dir / "checkpoints" / "step_000000005.pt", process)  # epoch 2, after its first batch
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
+    kill_once_saved(args, killed_dir / "checkpoints" / "step_000000005.pt")  # epoch 2, after its first batch
     result = run_script("train.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout

@@ -8,7 +8,7 @@ readable one and the sample says so (see `Sample.replaced`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -135,6 +135,22 @@ def train_and_val_datasets(
     if num_classes is not None:
         check_class_count(train, num_classes)
     return train, val
+
+
+def read_splits(root: str | Path, splits: Sequence[str]) -> dict[str, ImageFolderDataset]:
+    """The ImageFolder splits a data writer (write_ffcv.py, write_wds.py) converts, checked as the
+    trainer checks them to share one class list."""
+    if len(splits) == 2:
+        train, val = train_and_val_datasets(root, splits[0], splits[1], train_transform=None, val_transform=None)
+        return {splits[0]: train, splits[1]: val}
+    images = {split: ImageFolderDataset(root, split) for split in splits}
+    first = next(iter(images.values()))
+    for other in images.values():
+        if other.classes != first.classes:
+            raise UserError(
+                f"{other.split_dir} and {first.split_dir} have different class folders; the splits must share one class list"
+            )
+    return images
 
 
 def split_directory(root: Path, split: str) -> Path:
