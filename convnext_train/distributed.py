@@ -12,15 +12,19 @@ NCCL on GPUs, gloo on the CPU. Two timeouts, because two kinds of waiting exist:
   rank's main thread). Tested with gloo. Under NCCL this needs the host to time out in Python (in
   `Agreement.receive`, at the next step boundary); NCCL's own watchdog, a minute later, ends the job
   without the name when the host is blocked in a CUDA sync first.
-- `trainer.slow_work_timeout_minutes` bounds the waits for one rank's legitimately long work (rank 0
-  scanning ImageNet's 1.28M files, writing a multi-GB checkpoint, starting W&B): the other ranks wait
-  in a barrier of a separate gloo group created with that timeout (`wait_for_main`), never inside
-  a training collective, whose short timeout would fire on a healthy job.
+- `trainer.slow_work_timeout_minutes` bounds the waits for rank 0's legitimately long work (scanning
+  ImageNet's 1.28M files, writing a multi-GB checkpoint, starting W&B): the other ranks wait in a
+  collective of a separate gloo group (`wait_for_main`, `broadcast_from_main`), never inside a
+  training collective, whose short timeout would fire on a healthy job. Rank 0 itself arrives last
+  at those waits, the others being there already, so its side of the same group has the short
+  timeout: a gloo timeout is each process's own, and a rank that hangs while rank 0 saves is
+  named within `trainer.dist_timeout_minutes`, not after the slow-work hour.
 
-Besides the training group, `init_processes` creates two CPU-side gloo groups: `control` (stop and
-save decisions, barriers around slow work, outcomes that every rank must share) and `checkpointing`
-(`torch.distributed.checkpoint` saves and loads; async saves run in a thread, so they cannot share a
-group with the main thread's collectives).
+Besides the training group, `init_processes` creates three CPU-side gloo groups: `control` (stop and
+save decisions, small values every rank shares; the short timeout everywhere), `slow_work` (the
+waits for rank 0 above) and `checkpointing` (`torch.distributed.checkpoint` saves and loads, where
+every rank writes its shards: the slow-work timeout everywhere; async saves run in a thread, so
+they cannot share a group with the main thread's collectives).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Processes:
     local_rank: int = 0
     timeout: timedelta = timedelta(minutes=10)  # trainer.dist_timeout_minutes
     control: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    slow_work: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
     checkpointing: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -111,7 +116,8 @@ def init_processes(device_type: str, timeout_minutes: float, slow_work_timeout_m
         launched.world_size,
         launched.local_rank,
         timeout=timeout,
-        control=dist.new_group(backend="gloo", timeout=slow),
+        control=dist.new_group(backend="gloo", timeout=timeout),
+        slow_work=dist.new_group(backend="gloo", timeout=timeout if launched.rank == 0 else slow),
         checkpointing=dist.new_group(backend="gloo", timeout=slow),
     )
     # Who is who, for the message that names a rank that stopped responding.
@@ -148,25 +154,28 @@ def gather_objects(value, processes: Processes) -> list:
     if not processes.distributed:
         return [value]
     values = [None] * processes.world_size
-    dist.all_gather_object(values, value, group=processes.control)
+    with naming_the_unresponsive(processes):
+        dist.all_gather_object(values, value, group=processes.control)
     return values
 
 
 def broadcast_from_main(value, processes: Processes):
-    """Rank 0's `value` on every rank (all ranks call it; small picklable values). Also a barrier
-    with the slow-work timeout: the others wait here, not in a training collective, while rank 0
-    does long work before it (writing a checkpoint, say)."""
+    """Rank 0's `value` on every rank (all ranks call it; small picklable values). Also a wait for
+    rank 0's slow work before it (writing a checkpoint, say): the others wait here with the
+    slow-work timeout, not in a training collective; rank 0 waits for them with the short one."""
     if not processes.distributed:
         return value
     values = [value]
-    dist.broadcast_object_list(values, src=0, group=processes.control)
+    with naming_the_unresponsive(processes):
+        dist.broadcast_object_list(values, src=0, group=processes.slow_work)
     return values[0]
 
 
 def wait_for_main(processes: Processes) -> None:
-    """A barrier with the slow-work timeout (see the module docstring)."""
+    """A barrier after rank 0's slow work (see the module docstring)."""
     if processes.distributed:
-        dist.barrier(group=processes.control)
+        with naming_the_unresponsive(processes):
+            dist.barrier(group=processes.slow_work)
 
 
 @contextmanager
@@ -220,11 +229,8 @@ class Agreement:
         return [bool(v) for v in tensor.tolist()]
 
     def _wait(self, work: dist.Work) -> None:
-        try:
+        with naming_the_unresponsive(self.processes):
             work.wait(timeout=self.processes.timeout)
-        except RuntimeError as error:
-            raise_if_timeout(error, self.processes)
-            raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +238,16 @@ class Agreement:
 # --------------------------------------------------------------------------------------------------
 class RankUnresponsive(UserError):
     """Some rank stopped taking part in the job's collectives; the message names it."""
+
+
+@contextmanager
+def naming_the_unresponsive(processes: Processes):
+    """A collective in the block that times out raises RankUnresponsive naming the missing rank."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise_if_timeout(error, processes)
+        raise
 
 
 def is_timeout(error: BaseException) -> bool:

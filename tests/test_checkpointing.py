@@ -285,3 +285,56 @@ def test_every_rank_acts_on_any_ranks_flag_at_the_same_step_and_waits_out_slow_w
     false, stop, save = [False, False], [True, False], [False, True]
     # Raised at step 2 (rank 1) and 4 (rank 0): every rank sees each one step later.
     assert seen[0] == [false, false, false, stop, false, save, false]
+
+
+def _hung_peer_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    from convnext_train.distributed import (
+        RankUnresponsive,
+        broadcast_from_main,
+        gather_objects,
+        init_processes,
+    )
+
+    # Loop collectives time out after 3 s, waits for rank 0's slow work after a minute.
+    processes = init_processes("cpu", timeout_minutes=0.05, slow_work_timeout_minutes=1)
+    if rank == 1:  # hangs (a stuck read, a GPU hang) where rank 0 saves a checkpoint, until rank 0 is done
+        deadline = time.monotonic() + 60
+        while not Path(out, "rank0.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        os._exit(0)
+    lines = []
+    for name, call in [
+        ("gather", lambda: gather_objects("rng", processes)),  # every rank's RNG state, before the write
+        # The outcome, after it; the same group as wait_for_main's barrier, which a failed
+        # collective leaves unusable ("pair closure"): one call per group.
+        ("broadcast", lambda: broadcast_from_main("written", processes)),
+    ]:
+        started = time.monotonic()
+        try:
+            call()
+            lines.append(f"{name}: returned")
+        except RankUnresponsive as error:
+            lines.append(f"{name}: {time.monotonic() - started:.1f} s: {error}")
+    Path(out, "rank0.txt").write_text("\n".join(lines))
+    os._exit(0)  # the groups saw a timeout: tearing them down would wait on the hung rank
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_while_rank_0_saves_is_named_within_the_loop_timeout(tmp_path):
+    """Rank 0 arrives last at the waits around its slow work (the others are there already), so it
+    waits with the loop's short timeout: a peer that hung meanwhile is named in seconds, not after
+    trainer.slow_work_timeout_minutes (the CI failure this guards: an hour's wait at a save)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(_hung_peer_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    lines = (tmp_path / "rank0.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["gather", "broadcast"], lines
+    for line in lines:
+        waited = float(line.split(":")[1].split()[0])  # 3 s timeout + up to 3 s for the others to check in
+        assert waited < 20, line
+        assert "rank 1 (pid " in line and "stopped responding" in line, line
+        assert "trainer.dist_timeout_minutes" in line, line
