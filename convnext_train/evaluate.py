@@ -4,6 +4,8 @@ Prints one paper-style table (params, GMACs, images/s, top-1, top-5) and writes 
 run directory. Without `model=` each checkpoint's own architecture and class count are used
 (convnext_train/inference.py), and the first one's training img_size and crop_pct unless given. For up to `eval.per_class_max` classes it adds each class's top-1 to
 eval.json and draws the confusion matrix (scikit-learn's) with the class names, beside eval.json.
+With `robustness.root=` (or `data=` one of the robustness sets) the scores and the table are
+convnext_train/robustness.py's instead, on one process or under torchrun.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from convnext_train.config import validate_eval_config
 from convnext_train.data.datasets import build_val_loader
+from convnext_train.distributed import device_for, init_processes, launch_environment, shutdown
 from convnext_train.engine import evaluate
 from convnext_train.errors import UserError
 from convnext_train.inference import CheckpointModel, load_checkpoint_model
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
+from convnext_train.robustness import Scorer, is_robustness_run, score_sets
+from convnext_train.robustness import format_table as robustness_table
 from convnext_train.runtime import autocast, prepare_device, resolve_device
 
 IMAGENET_CLASSES = 1000  # the class count when neither data.num_classes nor a checkpoint gives one
@@ -43,7 +48,27 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         raise UserError("eval.py needs checkpoint=<file> (its architecture is taken from it) or model=<variant>")
     if not (isinstance(e.per_class_max, int) and e.per_class_max >= 0):
         raise UserError(f"eval.per_class_max={e.per_class_max}: must be an integer >= 0 (0 turns per-class off)")
-    device = prepare_device(resolve_device(e.device))
+    robust = is_robustness_run(cfg)
+    if launch_environment().distributed and not robust:
+        raise UserError(
+            "eval.py runs on several processes only for the robustness sets (robustness.root=, or data=imagenet_v2 "
+            "and the like); run it as one process (python eval.py ...) for data.root="
+        )
+    device = resolve_device(e.device)
+    processes = init_processes(device.type, e.dist_timeout_minutes) if robust else None
+    if processes is not None and processes.distributed:
+        device = device_for(processes, device.type)
+    device = prepare_device(device)
+    try:
+        return _run(cfg, checkpoints, given, device, processes, robust)
+    finally:
+        shutdown()
+
+
+def _run(cfg, checkpoints, given, device, processes, robust) -> list[dict[str, Any]]:
+    hydra_cfg = HydraConfig.get()
+    e = cfg.eval
+    on_main = processes is None or processes.is_main
     memory_format = torch.channels_last if e.channels_last else torch.contiguous_format
     out_dir = Path(hydra_cfg.runtime.output_dir)
     loader = None
@@ -52,7 +77,12 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         loaded = _load(cfg, checkpoint, given)
         if index == 0:  # the first checkpoint's class count and training resolution are the data's
             _take_from_checkpoint(cfg, loaded, hydra_cfg.overrides.task)
-        if loader is None and cfg.data.root:
+        if robust and len(loaded.class_names) != IMAGENET_CLASSES:
+            raise UserError(
+                f"the robustness sets are scored over ImageNet-1K's {IMAGENET_CLASSES} classes, but "
+                f"{checkpoint or 'the model'} has a {len(loaded.class_names)}-class head"
+            )
+        if loader is None and cfg.data.root and not robust:
             loader = build_val_loader(cfg.data, e.crop_pct, batch_size=e.batch_size, device=device)
         with torch.device("meta"):
             gmacs = count_gmacs(build_model(loaded.model_cfg), cfg.data.img_size)
@@ -65,7 +95,19 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "params": count_params(model),
             "gmacs": round(gmacs, 3),
         }
-        if loader is not None:
+        if robust:
+            scorer = Scorer(
+                model,
+                device,
+                partial(autocast, e.precision, device.type),
+                memory_format,
+                e.batch_size,
+                cfg.data.num_workers,
+                processes.rank,
+                processes.world_size,
+            )
+            result["robustness"] = score_sets(cfg, scorer, on_main)
+        elif loader is not None:
             recorder = _Recorder(model)
             started = time.perf_counter()
             scores = evaluate(
@@ -86,9 +128,10 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             result.update(_per_class(recorder, loaded.class_names, e.per_class_max, out_dir / name))
         results.append(result)
 
-    print(format_table(results))
-    out = out_dir / "eval.json"
-    out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+    if on_main:
+        print(robustness_table(results) if robust else format_table(results))
+        out = out_dir / "eval.json"
+        out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
     return results
 
 

@@ -50,7 +50,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
-import sklearn.datasets  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -125,12 +124,13 @@ def skip_module_without_ffcv() -> None:
     pytest.skip(f"FFCV is not installed: {marker.read_text().strip()}", allow_module_level=True)
 
 
-PHOTO_DIR = Path(sklearn.datasets.__file__).parent / "images"
-
-
 def sample_photos() -> list[Image.Image]:
-    """The two JPEG photographs bundled with scikit-learn, read from disk."""
-    return [Image.open(PHOTO_DIR / name).convert("RGB") for name in ("china.jpg", "flower.jpg")]
+    """The two JPEG photographs bundled with scikit-learn, read from disk. (Imported here, not at
+    the top: the GPU suite runs the CUDA-only tests on a machine without scikit-learn.)"""
+    import sklearn.datasets
+
+    photo_dir = Path(sklearn.datasets.__file__).parent / "images"
+    return [Image.open(photo_dir / name).convert("RGB") for name in ("china.jpg", "flower.jpg")]
 
 
 def photo_crops(photos: list[Image.Image], count: int, size: int, seed: int = 0) -> list[Image.Image]:

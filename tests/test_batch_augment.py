@@ -124,6 +124,7 @@ def test_channels_last_batches_normalise_like_contiguous_ones(photos):
     assert torch.equal(out, normalize(batch)) and normalize(batch).is_contiguous()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gives_the_cpus_batch():
     batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
