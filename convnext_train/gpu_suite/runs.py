@@ -108,10 +108,10 @@ def cuda_tests_item(device: torch.device) -> dict[str, Any]:
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TEST_FILES]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
-    counts = {
-        word: int(n) for n, word in (part.split()[:2] for part in summary.split(" in ")[0].split(", ")) if n.isdigit()
-    }
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
     if device.type != "cuda":
         status = "skipped" if result.returncode == 0 and counts.get("skipped", 0) > 0 else "failed"
         return {"status": status, "reason": "no CUDA device: the tests skip", "summary": summary, "counts": counts}
-    return {"status": "passed" if result.returncode == 0 else "failed", "summary": summary, "counts": counts}
+    # On a GPU every selected test must have run and passed: a skip there means a wrong guard.
+    ran = result.returncode == 0 and counts.get("passed", 0) > 0 and not counts.get("skipped")
+    return {"status": "passed" if ran else "failed", "summary": summary, "counts": counts}
