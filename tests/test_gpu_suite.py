@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from convnext_train.bench import compose_config
-from convnext_train.gpu_suite import cli, throughput
+from convnext_train.gpu_suite import cli, runs, throughput
 from convnext_train.gpu_suite.checks import check_training_step
 from convnext_train.gpu_suite.plan import Plan
 
@@ -211,3 +211,22 @@ def test_gpu_hours_come_from_the_fastest_measured_step():
     # 300 epochs x 1,281,167 images = 384,350,100 images; at 3,000 images/s: 128,116.7 s = 35.588 h.
     assert t["compiled"] is True and t["gpu_hours"] == pytest.approx(35.588, abs=1e-3)
     assert s["gpu_hours"] is None and b["gpu_hours"] is None
+
+
+@pytest.mark.slow
+def test_every_item_of_the_full_plan_composes_a_valid_config():
+    """The GPU plan cannot run here, but its configs can be checked: a rejected override would
+    otherwise cost a loan's item (or all of them, at the correctness step)."""
+    plan, cuda = Plan(quick=False), torch.device("cuda")
+    settings = [(mode, v) for mode in ("step", "eval") for v in {*plan.train_variants, *plan.eval_variants}]
+    settings += [("step", v) for v in plan.search_variants]
+    for mode, variant in settings:
+        batch = plan.train_batch if mode == "step" else plan.eval_batch
+        for precision in ("bf16", "fp32"):
+            for compiled in plan.compile:
+                cfg, name = compose_config(mode, plan.overrides(variant, batch, precision, compiled, cuda))
+                assert name == variant and cfg.trainer.micro_batch_size == batch and cfg.trainer.device == "cuda"
+    checked = cli.correctness_config(plan, cuda)
+    assert checked.model.drop_path_rate == 0 and checked.trainer.compile and checked.trainer.precision == "bf16"
+    resumed, _ = compose_config("loader", runs.resume_overrides(plan, cuda))  # train.py's config, data= kept
+    assert resumed.data.kind == "synthetic" and resumed.data.train_length == 30 * plan.check_batch

@@ -26,24 +26,8 @@ def resume_item(plan: Plan, device: torch.device, out: Path) -> dict[str, Any]:
     second uninterrupted run gives the noise floor (cuDNN's autotuned algorithms are chosen per
     process); on the CPU the runs are bitwise reproducible (tests/test_resume.py), so it is 0.
     The runs' directories are deleted afterwards: ConvNeXt-T's checkpoints are 0.4 GB each."""
-    batch = plan.check_batch
     steps_per_epoch = plan.resume_steps // 2
-    base = [
-        sys.executable,
-        str(REPO / "train.py"),
-        *plan.overrides(plan.train_variants[0], batch, plan.precisions[0], False, device),
-        "data=synthetic",
-        f"data.num_classes={plan.num_classes}",
-        f"data.img_size={plan.img_size}",
-        f"data.train_length={steps_per_epoch * batch}",
-        f"data.val_length={batch}",
-        f"data.num_workers={0 if plan.quick else 2}",
-        "trainer.epochs=2",
-        "scheduler.warmup_epochs=1",
-        "trainer.log_every=1",
-        # Mid-epoch saves by the clock, every few seconds on the GPU (every step in the miniature).
-        f"checkpoint.every_minutes={0.0001 if plan.quick else 0.05}",
-    ]
+    base = [sys.executable, str(REPO / "train.py"), *resume_overrides(plan, device)]
     root = out / "resume"
 
     def launch(name: str, kill_from: int | None = None) -> tuple[str, int | None]:
@@ -89,6 +73,25 @@ def resume_item(plan: Plan, device: torch.device, out: Path) -> dict[str, Any]:
         "noise_floor_rel_diff": floor,
         "tolerance": tolerance,
     }
+
+
+def resume_overrides(plan: Plan, device: torch.device) -> list[str]:
+    """train.py's overrides for the resume check's runs: two epochs of `plan.resume_steps // 2` steps."""
+    batch = plan.check_batch
+    return [
+        *plan.overrides(plan.train_variants[0], batch, plan.precisions[0], False, device),
+        "data=synthetic",
+        f"data.num_classes={plan.num_classes}",
+        f"data.img_size={plan.img_size}",
+        f"data.train_length={plan.resume_steps // 2 * batch}",
+        f"data.val_length={batch}",
+        f"data.num_workers={0 if plan.quick else 2}",
+        "trainer.epochs=2",
+        "scheduler.warmup_epochs=1",
+        "trainer.log_every=1",
+        # Mid-epoch saves by the clock, every few seconds on the GPU (every step in the miniature).
+        f"checkpoint.every_minutes={0.0001 if plan.quick else 0.05}",
+    ]
 
 
 def weight_difference(a: Path, b: Path) -> float:
