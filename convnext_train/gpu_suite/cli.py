@@ -37,10 +37,9 @@ class Suite:
         out: Path,
         plan: Plan,
         budget_minutes: float,
-        device: torch.device,
         earlier: dict[tuple[str, str], dict[str, Any]] | None = None,
     ):
-        self.out, self.plan, self.device = out, plan, device
+        self.out, self.plan = out, plan
         self.earlier = earlier or {}
         self.deadline = time.monotonic() + 60 * budget_minutes
         self.spent: dict[str, float] = {}  # the slowest item of each kind so far
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and not args.quick:
         raise UserError("no CUDA device is visible: the suite measures a GPU; --quick runs it in miniature on the CPU")
     plan = Plan.quick_plan() if args.quick else Plan(quick=False)
-    suite = Suite(args.out, plan, args.budget_minutes, device, earlier=read_earlier(args.continue_from, plan))
+    suite = Suite(args.out, plan, args.budget_minutes, earlier=read_earlier(args.continue_from, plan))
     suite.record(environment(device, plan))
     for section, name, kind, work in items(suite, plan, device):
         if section in sections:
