@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from convnext_train.errors import exit_on_user_error
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="predict")
+@hydra.main(version_base=None, config_path="convnext_train/conf", config_name="predict")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     from convnext_train.predict import run

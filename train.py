@@ -15,7 +15,7 @@ from convnext_train.config import refuse_moved_keys  # noqa: E402
 from convnext_train.errors import exit_on_user_error  # noqa: E402
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="train")
+@hydra.main(version_base=None, config_path="convnext_train/conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     from convnext_train.trainer import run

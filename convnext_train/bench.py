@@ -53,11 +53,11 @@ from typing import Any
 
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from convnext_train import configs
 from convnext_train.config import validate_train_config
 from convnext_train.data.datasets import build_datasets, build_loaders
 from convnext_train.data.loaders import EpochSampler, Loaders, make_loader
@@ -70,7 +70,6 @@ from convnext_train.models.complexity import count_gmacs
 from convnext_train.parts import TrainParts, build_parts
 from convnext_train.runtime import autocast, prepare_device, resolve_device
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 MODES = ("step", "eval", "loader")
 RIVALS = {"step": ("timm", "bare"), "eval": ("timm",), "loader": ()}
 
@@ -181,8 +180,7 @@ def compose_config(mode: str, overrides: list[str]) -> tuple[DictConfig, str]:
     # The bench logs nothing; step and eval never iterate a loader, so they need no workers.
     forced = ["logger=none"] + (["data=synthetic", "data.num_workers=0"] if mode != "loader" else [])
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose("train", overrides=[*overrides, *forced], return_hydra_config=True)
+        cfg = configs.compose_train([*overrides, *forced])
     except HydraException as error:  # a typo in an override: Hydra's message says which and why
         message = str(error).split("Config search path")[0]  # the search path is noise here
         raise UserError(" ".join(message.split())) from error

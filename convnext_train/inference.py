@@ -4,7 +4,7 @@ is, with its class names and the preprocessing size it was trained at.
 The architecture comes, first to last, from `model=` on the command line, our training checkpoint's
 saved `config`, a Hugging Face directory's config.json, or the weights' own shapes: depths and widths
 can be read off the official layout (which every supported format converts to), and the conf/model
-config of that size is the one that fits (`checkpoints.weights` already matches config.json to it;
+config of that size is the one that fits (`weights.loading` already matches config.json to it;
 the same lookup serves here). The class count is the head's. An explicit `model=` that does not fit
 names the one that does, rather than the tensors that differ.
 """
@@ -20,12 +20,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from convnext_train.checkpoints import CheckpointError, load_weights, read_checkpoint, state_dict_from_checkpoint
-from convnext_train.checkpoints.layouts import architecture, is_v2, to_official
-from convnext_train.checkpoints.weights import variant_named
+from convnext_train import configs
 from convnext_train.errors import UserError
 from convnext_train.models import build_model
-from convnext_train.models.table import MODEL_CONFIG_DIR
+from convnext_train.weights import CheckpointError, load_weights, read_checkpoint, state_dict_from_checkpoint
+from convnext_train.weights.layouts import architecture, is_v2, to_official
+from convnext_train.weights.loading import variant_named
 
 
 @dataclass
@@ -74,7 +74,7 @@ def load_checkpoint_model(
         cfg = OmegaConf.create(dict(saved["model"]))
         variant = fits or _class_name(cfg)
     elif fits is not None:
-        cfg, variant = OmegaConf.load(MODEL_CONFIG_DIR / f"{fits}.yaml"), fits
+        cfg, variant = configs.load("model", fits), fits
     else:
         size = f"depths {shape[0]}, dims {shape[1]}" if shape else "isotropic"
         raise UserError(

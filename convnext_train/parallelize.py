@@ -13,12 +13,9 @@
      (bf16 weights and activations in the forward, gradients reduced in fp32). Every rank
      holds 1/world of the weights, gradients and AdamW state.
 
-Checkpoints hold full, unsharded state dicts keyed by parameter name (`full_state_dicts`), the
-same file whatever the strategy and world size, so a run saved under FSDP on 8 processes resumes
-under DDP on 2, and eval.py and fine-tuning read it like any other. The price is one gather of
-the weights and optimizer state to rank 0's CPU memory per checkpoint (for ConvNeXt V2-H, 660 M
-parameters, about 8 GB), which a sharded `torch.distributed.checkpoint` directory would avoid
-but which is small next to a checkpoint interval of minutes.
+What it means for checkpoints is the Checkpointer's (convnext_train/checkpointing/state.py): a
+full file gathers whole tensors keyed by parameter name, a sharded directory has every rank write
+its own shards; either resumes under either strategy and any number of processes.
 """
 
 from __future__ import annotations
@@ -28,15 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from convnext_train.distributed import Processes
@@ -108,52 +97,3 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
-    """(model, optimizer) state dicts with whole tensors keyed by parameter name. Under FSDP a
-    collective: rank 0 receives them on its CPU, the other ranks get empty dicts."""
-    options = _options(model, saving=True)
-    reshard(model)
-    weights = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    return weights, optimizer_state
-
-
-def load_full_state_dicts(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict, optimizer_state: dict | None
-) -> None:
-    """Load what `full_state_dicts` produced (every rank passes the whole dicts), sharding it under
-    FSDP. Either dict may come from any strategy and number of processes."""
-    options = _options(model, saving=False)
-    reshard(model)
-    # The loaders rewrite the dicts' values in place (into shards); keep the caller's intact.
-    set_model_state_dict(model, dict(weights), options=options)
-    if optimizer is not None and optimizer_state is not None:
-        # The loader first creates the optimizer's state with a zero-lr step, which it skips when
-        # gradients are present (and then finds no state to shard into).
-        optimizer.zero_grad(set_to_none=True)
-        set_optimizer_state_dict(model, optimizer, _copy_nested(optimizer_state), options=options)
-
-
-def all_finite(model: nn.Module) -> bool:
-    """Whether every weight is finite on every rank (each rank checks its own shard)."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    finite = torch.stack([torch.isfinite(t).all() for t in local]).all().to(torch.int32)
-    if dist.is_initialized() and is_sharded(model):
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
-
-
-def _options(model: nn.Module, *, saving: bool) -> StateDictOptions:
-    if not is_sharded(model):
-        return StateDictOptions()  # whole tensors already; keys by name
-    return StateDictOptions(full_state_dict=True, cpu_offload=saving)
-
-
-def _copy_nested(value):
-    if isinstance(value, dict):
-        return {k: _copy_nested(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_nested(v) for v in value]
-    return value

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from convnext_train import configs
 from convnext_train.data.loaders import EpochSampler, make_loader
 from convnext_train.data.robustness import KINDS, LAYOUTS, class_subset, corruption_folders, robustness_dataset
 from convnext_train.distributed import all_reduce_sum
 from convnext_train.errors import UserError
 from convnext_train.imagenet_c import corruption_errors
 
-DATA_CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 # The table's sets, in its column order; `imagenet` is the clean validation set (conf/data/imagenet.yaml).
 SETS = ("imagenet", "imagenet_v2", "imagenet_real", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_c")
 COLUMNS = {
@@ -107,7 +107,7 @@ def requested_sets(cfg: DictConfig) -> list[tuple[str, DictConfig | None, str]]:
         raise UserError(f"robustness.sets: unknown {', '.join(unknown)}; choose from {', '.join(SETS)}")
     found = []
     for name in r.sets:
-        set_cfg = OmegaConf.load(DATA_CONFIG_DIR / f"{name}.yaml")
+        set_cfg = configs.load("data", name)
         given = (r.get("paths") or {}).get(name)
         path = Path(given) if given else Path(r.root) / set_cfg.get("dirname", DEFAULT_DIRNAME)
         set_cfg.root = str(path)

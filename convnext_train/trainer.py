@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from convnext_train import preemption
 from convnext_train.checkpointing import Checkpointer
-from convnext_train.checkpoints import load_pretrained
+from convnext_train.checkpointing.state import EmaState, ModelState, OptimizerState, RngStreams
 from convnext_train.config import validate_train_config
 from convnext_train.data.datasets import build_loaders
 from convnext_train.distributed import (
@@ -43,6 +43,7 @@ from convnext_train.next_steps import closing_summary, warn_if_small_from_scratc
 from convnext_train.parallelize import is_sharded, reshard
 from convnext_train.parts import TrainParts, build_parts
 from convnext_train.runtime import prepare_device, reseed_per_rank, resolve_device, seed_everything
+from convnext_train.weights import load_pretrained
 
 
 @dataclass
@@ -322,14 +323,16 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
     parts = build_parts(cfg, model, processes, device, steps_per_epoch=steps_per_epoch)
     state = TrainState()
     reseed_per_rank(t.seed, processes)
-    checkpointer.track(
-        model=parts.model,
-        optimizer=parts.optimizer,
-        ema=parts.ema,
-        scaler=parts.scaler,
-        train_state=state,
-        class_names=loaders.class_names,
-    )
+    # Everything a resume restores, by the name it has in a checkpoint, in the order it is restored.
+    stateful = {
+        "model": ModelState(parts.model),
+        "optimizer": OptimizerState(parts.model, parts.optimizer),
+        **({"model_ema": EmaState(parts.ema, parts.model)} if parts.ema is not None else {}),
+        "scaler": parts.scaler,
+        "train_state": state,
+        "rng": RngStreams(processes, t.seed, step=lambda: state.step),
+    }
+    checkpointer.track(stateful, class_names=loaders.class_names)
     resumed = checkpointer.load_latest()
     if resumed and state.steps_per_epoch not in (0, steps_per_epoch):  # 0: saved before it was recorded
         raise UserError(

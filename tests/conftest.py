@@ -9,8 +9,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from convnext_train.configs import CONFIG_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-MODEL_CONFIG_DIR = REPO / "conf" / "model"
+MODEL_CONFIG_DIR = CONFIG_DIR / "model"
 MODEL_NAMES = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
 
 

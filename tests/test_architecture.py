@@ -62,7 +62,7 @@ def test_the_arrows_point_down():
     assert "convnext_train.engine" in reachable(graph, "convnext_train.trainer")
     for module in ("convnext_train.evaluate", "convnext_train.bench"):
         assert "convnext_train.trainer" not in reachable(graph, module), module
-    formats = [name for name in graph if name.startswith("convnext_train.checkpoints")]
+    formats = [name for name in graph if name.startswith("convnext_train.weights")]
     assert all(not any(t.startswith("convnext_train.checkpointing") for t in reachable(graph, f)) for f in formats)
     data = [name for name in graph if name.startswith("convnext_train.data")]
     assert all("convnext_train.trainer" not in reachable(graph, name) for name in data)

@@ -21,6 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import functional as TF
 
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.batch_augment import BatchAugment, normalize
 from convnext_train.errors import UserError
 
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def aug_config(name: str, **overrides):
-    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml"), overrides)
+    return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "aug" / f"{name}.yaml"), overrides)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from convnext_train.bench import (
     model_flops_utilisation,
     split_arguments,
 )
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.datasets import build_datasets
 from convnext_train.data.loaders import EpochSampler
 from convnext_train.errors import USER_ERROR_EXIT_CODE, UserError
@@ -213,8 +214,8 @@ def test_mfu_counts_two_flops_per_mac_and_three_passes_for_training():
 # data=synthetic
 # --------------------------------------------------------------------------------------------------
 def synthetic_config(**overrides):
-    data = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "data" / "synthetic.yaml"), overrides)
-    aug = OmegaConf.load(REPO / "conf" / "aug" / "recipe.yaml")
+    data = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml"), overrides)
+    aug = OmegaConf.load(CONFIG_DIR / "aug" / "recipe.yaml")
     return data, aug
 
 

@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 from convnext_train.checkpointing.layout import CheckpointDir
 from convnext_train.checkpointing.lock import RunDirectoryInUse, RunLock
 from convnext_train.checkpointing.recipe import RecipeChanged, check_recipe, recipe_changes
-from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from convnext_train.errors import UserError
+from convnext_train.weights import CheckpointError, read_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

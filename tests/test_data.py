@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.digits import COMPLETE_MARKER, write_digits_imagefolder
 from convnext_train.data.imagefolder import (
     ImageFolderDataset,
@@ -56,7 +57,7 @@ RECIPE_RAND_AUGMENT_OPS = [  # timm's increasing-severity set, selected by `inc1
 
 
 def aug_config(name: str, **overrides):
-    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml"), overrides)
+    return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "aug" / f"{name}.yaml"), overrides)
 
 
 def seed_everything(seed: int) -> None:

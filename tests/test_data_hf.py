@@ -34,6 +34,7 @@ from test_resume import EVERY_STEP, assert_ends_like, kill_once_saved
 from test_train import TINY_RUN, assert_user_error, load, read_jsonl, relative_difference
 from torchvision.datasets import ImageFolder
 
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.datasets import build_loaders, build_val_loader
 from convnext_train.data.hf import hf_datasets
 from convnext_train.data.imagefolder import UnreadableImageError
@@ -44,17 +45,17 @@ LAYOUTS = ("save_to_disk", "hub parquet", "split folders")
 
 
 def aug_config(name: str = "recipe", **overrides):
-    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml"), overrides)
+    return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "aug" / f"{name}.yaml"), overrides)
 
 
 def hf_data(root: Path | str, **overrides):
-    base = OmegaConf.load(REPO / "conf" / "data" / "hf.yaml")
+    base = OmegaConf.load(CONFIG_DIR / "data" / "hf.yaml")
     settings = {"root": str(root), "num_classes": 4, "img_size": 32, "num_workers": 0, "pin_memory": False}
     return OmegaConf.merge(base, settings, overrides)
 
 
 def imagefolder_data(root: Path, **overrides):
-    base = OmegaConf.load(REPO / "conf" / "data" / "imagenet.yaml")
+    base = OmegaConf.load(CONFIG_DIR / "data" / "imagenet.yaml")
     settings = {"root": str(root), "num_classes": 4, "img_size": 32, "num_workers": 0, "pin_memory": False}
     return OmegaConf.merge(base, settings, overrides)
 

@@ -42,6 +42,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch import nn
 from torchvision.datasets import ImageFolder
 
+from convnext_train.configs import CONFIG_DIR
+
 sys.path.insert(0, str(REPO / "data"))  # data/ is a folder of scripts, not a package
 import photo_imagefolder  # noqa: E402
 import write_ffcv  # noqa: E402
@@ -60,7 +62,7 @@ STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
 
 def aug_config(name: str = "recipe", **overrides):
-    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml"), overrides)
+    return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "aug" / f"{name}.yaml"), overrides)
 
 
 # Crop and flip only: no RandAugment, colour jitter or erasing, so the pixels show the geometry.
@@ -68,12 +70,12 @@ GEOMETRY_ONLY = dict(auto_augment=None, color_jitter=None, reprob=0.0, mixup=0.0
 
 
 def ffcv_data(root: Path, **overrides):
-    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "data" / "ffcv.yaml"), {"root": str(root)}, overrides)
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / "ffcv.yaml"), {"root": str(root)}, overrides)
     return cfg
 
 
 def imagefolder_data(root: Path, **overrides):
-    base = OmegaConf.load(REPO / "conf" / "data" / "imagenet.yaml")
+    base = OmegaConf.load(CONFIG_DIR / "data" / "imagenet.yaml")
     return OmegaConf.merge(base, {"root": str(root), "num_workers": 0, "pin_memory": False}, overrides)
 
 
@@ -551,7 +553,7 @@ from omegaconf import OmegaConf
 from convnext_train.data.compiled import image_key
 from convnext_train.data.rand_augment import rand_augment, rand_augment_policy
 saved = np.load(sys.argv[1] + "/crops.npz")
-arguments = rand_augment_policy(OmegaConf.load("conf/aug/recipe.yaml"), 64).arguments()
+arguments = rand_augment_policy(OmegaConf.load("convnext_train/conf/aug/recipe.yaml"), 64).arguments()
 out = saved["crops"].copy()
 for image, i in zip(out, saved["indices"].tolist()):
     rand_augment(image, np.uint64(image_key(np.uint64(5), 0, i)), *arguments)

@@ -29,7 +29,7 @@ from transformers import (
     ConvNextV2ForImageClassification,
 )
 
-from convnext_train.checkpoints import (
+from convnext_train.weights import (
     CheckpointError,
     detect_format,
     export_hf,

@@ -18,15 +18,16 @@ import torch
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.errors import UserError
 from convnext_train.metrics import METRICS_FILE, SUMMARY_FILE, WANDB_RUN_ID_FILE, RunLogger, read_metrics
 from convnext_train.plot import main as plot_main
 from convnext_train.plot import plot_run
 
 REPO = Path(__file__).resolve().parents[1]
-NONE_LOGGER = OmegaConf.load(REPO / "conf" / "logger" / "none.yaml")
+NONE_LOGGER = OmegaConf.load(CONFIG_DIR / "logger" / "none.yaml")
 WANDB_LOGGER = OmegaConf.merge(
-    OmegaConf.load(REPO / "conf" / "logger" / "wandb.yaml"), {"run_name": "test-run", "tags": ["unit"]}
+    OmegaConf.load(CONFIG_DIR / "logger" / "wandb.yaml"), {"run_name": "test-run", "tags": ["unit"]}
 )
 CONFIG = {"model": {"name": "convnext_atto"}, "optimizer": {"lr": 0.004}}
 

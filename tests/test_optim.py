@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_NAMES, REPO, build_model
+from conftest import MODEL_NAMES, build_model
 from omegaconf import OmegaConf
 from torch import nn
 
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.errors import UserError
 from convnext_train.models import ConvNeXtIsotropic
 from convnext_train.optim import build_optimizer, layer_id, num_layers, parameter_groups, set_lr
@@ -214,7 +215,7 @@ def test_frozen_parameters_are_left_out():
 # The optimizer
 # --------------------------------------------------------------------------------------------------
 def optimizer_config(**overrides):
-    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "optimizer" / "adamw.yaml"), overrides)
+    return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "optimizer" / "adamw.yaml"), overrides)
 
 
 def test_set_lr_applies_each_groups_scale():

@@ -20,8 +20,9 @@ from conftest import REPO, build_model, make_imagefolder, randomize_, run_script
 from hydra import compose, initialize_config_dir
 
 from convnext_train.checkpointing import consolidate
-from convnext_train.checkpoints import read_checkpoint
 from convnext_train.config import validate_train_config
+from convnext_train.configs import CONFIG_DIR
+from convnext_train.weights import read_checkpoint
 
 CLASSES = [f"class_{c}" for c in range(4)]  # make_imagefolder's folder names
 SCRATCH_NOTE = "unlikely to do well"
@@ -80,7 +81,7 @@ def finetuned(tree, module_tmp_path):
 
 def test_num_classes_null_counts_the_class_folders_before_the_model_is_built(tree):
     # Composed as train.py gets it: model.num_classes still the interpolation ${data.num_classes}.
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose("train", overrides=["model=convnext_atto", "data=imagefolder", f"data.root={tree}"])
     assert cfg.data.num_classes is None
     validate_train_config(cfg)

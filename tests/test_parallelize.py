@@ -54,12 +54,13 @@ WORKER = textwrap.dedent(
     from torch.distributed.tensor import DTensor
     from convnext_train.distributed import init_processes
     from convnext_train.models import build_model
-    from convnext_train.parallelize import parallelize, full_state_dicts, load_full_state_dicts
+    from convnext_train.parallelize import parallelize
+    from convnext_train.checkpointing.state import ModelState, OptimizerState
     from omegaconf import OmegaConf
 
     strategy, compiled, out = sys.argv[1], sys.argv[2] == "compiled", sys.argv[3]
     processes = init_processes("cpu", 5)
-    cfg = OmegaConf.load("conf/model/convnext_atto.yaml")
+    cfg = OmegaConf.load("convnext_train/conf/model/convnext_atto.yaml")
     cfg.num_classes, cfg.drop_path_rate = 5, 0.0
     torch.manual_seed(0)
     reference = build_model(cfg)
@@ -94,15 +95,16 @@ WORKER = textwrap.dedent(
     # Checkpoints hold whole tensors keyed by name, whatever the strategy.
     optimizer = torch.optim.AdamW(model.parameters())
     optimizer.step()
-    weights, optimizer_state = full_state_dicts(model, optimizer)
+    weights, optimizer_state = ModelState(model).full_state_dict(), OptimizerState(model, optimizer).full_state_dict()
     if rank == 0:
         assert weights.keys() == reference.state_dict().keys()
         assert set(optimizer_state["state"]) == {n for n, _ in reference.named_parameters()}
     states = [weights, optimizer_state]
     dist.broadcast_object_list(states)
     fresh = torch.optim.AdamW(model.parameters())
-    load_full_state_dicts(model, fresh, *states)
-    restored, _ = full_state_dicts(model, fresh)
+    ModelState(model).load_full_state_dict(states[0])
+    OptimizerState(model, fresh).load_full_state_dict(states[1])
+    restored = ModelState(model).full_state_dict()
     reloaded_equal = all(torch.equal(restored[k], states[0][k]) for k in restored) if rank == 0 else True
 
     if rank == 0:

@@ -14,18 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, build_model, make_imagefolder, randomize_, run_script
+from conftest import build_model, make_imagefolder, randomize_, run_script
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-from convnext_train.checkpoints import CheckpointError, export_hf
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.errors import UserError
 from convnext_train.evaluate import _per_class, _Recorder
 from convnext_train.inference import class_names, load_checkpoint_model
 from convnext_train.predict import find_images
+from convnext_train.weights import CheckpointError, export_hf
 
 CLASS_NAMES = ["scratch", "dent", "rust", "clean"]
 IMG_SIZE, CROP_PCT = 32, 0.6  # not the defaults (224, 0.875): eval and predict must use the checkpoint's
@@ -35,7 +36,7 @@ IMG_SIZE, CROP_PCT = 32, 0.6  # not the defaults (224, 0.875): eval and predict 
 def trained(module_tmp_path) -> tuple[Path, Path, torch.nn.Module]:
     """(data root, checkpoint file, the model in it)."""
     root = make_imagefolder(module_tmp_path / "data", classes=4, train_per_class=1, val_per_class=4, size=40)
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
         cfg = compose(
             "train",
             overrides=[
@@ -142,7 +143,7 @@ def test_eval_with_the_wrong_model_names_the_right_one(trained, tmp_path):
 
 def test_a_misfitting_model_config_is_named_before_any_tensor(trained):
     _, checkpoint, _ = trained
-    femto = OmegaConf.load(REPO / "conf" / "model" / "convnext_femto.yaml")
+    femto = OmegaConf.load(CONFIG_DIR / "model" / "convnext_femto.yaml")
     with pytest.raises(CheckpointError, match="is a convnext_atto, a different architecture than model=convnext_femto"):
         load_checkpoint_model(checkpoint, femto, given_variant="convnext_femto")
     with pytest.raises(CheckpointError, match="4-class head but data.num_classes=10; set data.num_classes=4"):

@@ -13,7 +13,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import REPO, photo_crops, sample_photos, skip_module_without_ffcv
+from conftest import photo_crops, sample_photos, skip_module_without_ffcv
 from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
@@ -21,6 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, LEVEL_TO_ARG, NAME_TO_OP, rand_augment_transform
 
 import convnext_train.data.transforms  # noqa: F401  (installs the repo's zero-bit posterize repair in timm's op table)
+from convnext_train.configs import CONFIG_DIR
 
 skip_module_without_ffcv()  # numba comes with the FFCV extra
 
@@ -43,7 +44,7 @@ NO_ARGUMENT = ("AutoContrast", "Equalize", "Invert")  # the ops whose magnitude 
 
 
 def aug_config(name: str = "recipe", **overrides):
-    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml"), overrides)
+    return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "aug" / f"{name}.yaml"), overrides)
 
 
 def recipe_policy(img_size: int) -> RandAugmentPolicy:

@@ -31,7 +31,7 @@ from convnext_train.config import validate_train_config
 from convnext_train.data.transforms import train_transform
 from convnext_train.models import ConvNeXt
 from convnext_train.parts import peak_lr
-from convnext_train.recipes import END, START, compose_config, markdown_table, recipes
+from convnext_train.readme.recipes import END, START, compose_config, markdown_table, recipes
 from convnext_train.schedule import cosine_lr
 
 ABSENT = object()  # a key the composed config must not have
@@ -367,7 +367,7 @@ def test_train_py_composes_the_same_configs_and_names_a_missing_row():
 def test_readme_recipe_table_is_current():
     text = (REPO / "README.md").read_text()
     section = text.split(START)[1].split(END)[0].strip()
-    assert section == markdown_table(), "run: python -m convnext_train.recipes --update README.md"
+    assert section == markdown_table(), "run: python -m convnext_train.readme.recipes --update README.md"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from timm.data import ImageNetInfo
 
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.corruptions import corrupt_function
 from convnext_train.data.robustness import CORRUPTIONS, class_subset, corruption_folders, robustness_dataset
 from convnext_train.data.transforms import eval_transform
@@ -396,7 +397,7 @@ def test_two_processes_give_the_numbers_of_one(table_run, module_tmp_path):
 
 def composed(*overrides: str):
     """conf/eval.yaml as eval.py composes it, with the run's image size already taken from the checkpoint."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose("eval", overrides=[*overrides, f"data.img_size={IMG}", *EVAL])
 
 

@@ -14,9 +14,9 @@ import yaml
 from conftest import REPO, run_script
 
 from convnext_train.checkpointing.layout import CheckpointDir
-from convnext_train.checkpoints import read_checkpoint, save_checkpoint
 from convnext_train.distributed import Processes
 from convnext_train.runtime import reseed_per_rank
+from convnext_train.weights import read_checkpoint, save_checkpoint
 
 # A tiny but complete run: ConvNeXt-atto at 32 px, 64 training images, 4 steps of 16 per epoch
 # with 2 micro-batches of accumulation, the full augmentation recipe, EMA, drop path.

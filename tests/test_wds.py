@@ -21,6 +21,8 @@ import torch
 from conftest import REPO, build_model, make_imagefolder, randomize_, run_script
 from omegaconf import OmegaConf
 
+from convnext_train.configs import CONFIG_DIR
+
 sys.path.insert(0, str(REPO / "data"))  # data/ is a folder of scripts, not a package
 import write_wds  # noqa: E402
 
@@ -36,11 +38,11 @@ BATCH = 4
 
 
 def aug_config(name: str):
-    return OmegaConf.load(REPO / "conf" / "aug" / f"{name}.yaml")
+    return OmegaConf.load(CONFIG_DIR / "aug" / f"{name}.yaml")
 
 
 def wds_data(root: Path, **overrides):
-    base = OmegaConf.load(REPO / "conf" / "data" / "wds.yaml")
+    base = OmegaConf.load(CONFIG_DIR / "data" / "wds.yaml")
     settings = {"root": str(root), "num_classes": 4, "img_size": SIZE, "num_workers": 2, "pin_memory": False}
     return OmegaConf.merge(base, settings, {"shuffle_buffer": 8}, overrides)
 
@@ -183,7 +185,7 @@ def test_a_fixed_model_scores_the_same_with_eval_py_on_shards_as_on_the_imagefol
     torch.manual_seed(0)
     model = randomize_(build_model("convnext_atto", num_classes=4), std=0.02).eval()
     imagefolder = OmegaConf.merge(
-        OmegaConf.load(REPO / "conf" / "data" / "imagenet.yaml"),
+        OmegaConf.load(CONFIG_DIR / "data" / "imagenet.yaml"),
         {"root": str(tree), "num_classes": 4, "img_size": SIZE, "num_workers": 0, "pin_memory": False},
     )
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -210,9 +212,9 @@ from omegaconf import OmegaConf
 from convnext_train.data.datasets import build_loaders
 
 dist.init_process_group("gloo")
-data = OmegaConf.merge(OmegaConf.load("conf/data/wds.yaml"),
+data = OmegaConf.merge(OmegaConf.load("convnext_train/conf/data/wds.yaml"),
                        dict(root=sys.argv[1], num_classes=4, img_size=32, num_workers=2, pin_memory=False))
-loaders = build_loaders(data, OmegaConf.load("conf/aug/none.yaml"), seed=7, batch_size=4, device=torch.device("cpu"),
+loaders = build_loaders(data, OmegaConf.load("convnext_train/conf/aug/none.yaml"), seed=7, batch_size=4, device=torch.device("cpu"),
                         rank=dist.get_rank(), world_size=dist.get_world_size())
 seen = []
 for epoch in (0, 1):

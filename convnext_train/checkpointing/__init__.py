@@ -1,9 +1,11 @@
 """A run's checkpoints, from one owner: the `Checkpointer` (torchtitan's CheckpointManager is the model).
 
 It is built before any compute, from the run directory and the config, and then tracks the run's
-parts (model, EMA, optimizer, grad scaler, train state; the RNG streams of every rank and the data
-position, which follows from the step, go with them). The training loop makes two calls: `poll`
-after every optimizer step (save now? stop?) and `save`. The Checkpointer owns everything else:
+stateful parts as one mapping of names to objects with `state_dict()` / `load_state_dict()`
+(`state.py`: the model, its EMA and the optimizer, sharded under FSDP; the grad scaler, the train
+state and every rank's RNG streams; the data position follows from the step). The training loop
+makes two calls: `poll` after every optimizer step (save now? stop?) and `save`. The Checkpointer
+owns everything else:
 
 - the run directory's lock (`lock.py`): a second job in the same directory stops at once, naming
   the first;
@@ -15,7 +17,8 @@ after every optimizer step (save now? stop?) and `save`. The Checkpointer owns e
   (`checkpoint.format`; async saves with `checkpoint.async_save`), each published whole or not at
   all, retention (`checkpoint.keep_last`), `last`/`best`/`best_ema` links, stale temporaries swept,
   a full disk as one message naming the last whole checkpoint, weights that became non-finite never
-  saved; `report.py`: what each save cost (a metrics.jsonl row).
+  saved; `report.py`: what each save cost (a metrics.jsonl row);
+- FSDP's gather and scatter of whole tensors for full files (`state.py`).
 
     python -m convnext_train.checkpointing consolidate <run>/checkpoints/step_000001234 model.pt
 

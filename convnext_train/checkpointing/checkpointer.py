@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from convnext_train import preemption
 from convnext_train.atomic import DiskFullError
@@ -27,13 +21,14 @@ from convnext_train.checkpointing.layout import META_FILE, CheckpointDir, Entry,
 from convnext_train.checkpointing.lock import RunLock
 from convnext_train.checkpointing.recipe import check_class_names, check_recipe
 from convnext_train.checkpointing.report import SaveReport, measure_peak_rss
-from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from convnext_train.checkpoints.sharded import SafePlanner, SafeReader
-from convnext_train.distributed import Agreement, Processes, broadcast_from_main, gather_objects
-from convnext_train.ema import WeightEma
+from convnext_train.checkpointing.state import ShardedState, Stateful
+from convnext_train.distributed import Agreement, Processes, broadcast_from_main
 from convnext_train.errors import UserError, out_of_space
-from convnext_train.parallelize import all_finite, full_state_dicts, is_sharded, load_full_state_dicts, reshard
-from convnext_train.runtime import reseed_per_rank, restore_rng_state, rng_state
+from convnext_train.weights import CheckpointError, read_checkpoint, save_checkpoint
+from convnext_train.weights.sharded import SafePlanner, SafeReader
+
+# meta.pt of a sharded checkpoint lists the parts whose tensors are in its shards.
+SHARDED_PARTS = "sharded_parts"
 
 
 class NonFiniteWeights(UserError):
@@ -118,72 +113,58 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------------
     # The run's parts
     # ----------------------------------------------------------------------------------------------
-    def track(
-        self,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        ema: WeightEma | None,
-        scaler: torch.amp.GradScaler,
-        train_state: TrainStateLike,
-        class_names: Sequence[str] | None = None,
-    ) -> None:
-        """`class_names`: what each output index means (the data's, e.g. ImageFolder's folders), saved
-        in every checkpoint as `class_names` for eval.py and predict.py; None leaves the key out."""
-        self._parts = {"model": model, "optimizer": optimizer, "ema": ema, "scaler": scaler, "state": train_state}
+    def track(self, parts: Mapping[str, Stateful], *, class_names: Sequence[str] | None = None) -> None:
+        """The run's stateful parts by name (the names are the checkpoint's keys; state.py), restored in
+        this order: the weights before the optimizer state that refers to them. `train_state` must be
+        among them, with the `step` and `epoch` a checkpoint is named and described by. `class_names`:
+        what each output index means (the data's, e.g. ImageFolder's folders), saved in every
+        checkpoint for eval.py and predict.py; None leaves the key out."""
+        if "train_state" not in parts:
+            raise ValueError("the tracked parts must include `train_state` (its step names each checkpoint)")
+        self._parts = dict(parts)
         self.class_names = None if class_names is None else list(class_names)
+
+    @property
+    def _train_state(self) -> TrainStateLike:
+        return self._parts["train_state"]
 
     def load_latest(self) -> bool:
         """Restore every tracked part from the checkpoint found at start-up; False for a fresh run."""
         entry = self.resume_entry
         if entry is None:
             return False
-        p = self._parts
         meta = self._cached if self._cached is not None else self.directory.read(entry)
         self._cached = None
         check_class_names(meta.get("class_names"), self.class_names, entry.path)
         try:
             if entry.sharded:
-                self._load_sharded(entry)
-            else:
-                load_full_state_dicts(p["model"], p["optimizer"], meta["model"], meta["optimizer"])
-                if p["ema"] is not None and "model_ema" in meta:
-                    with p["ema"].swapped_into(p["model"]):
-                        load_full_state_dicts(p["model"], None, meta["model_ema"], None)
-            p["scaler"].load_state_dict(meta["scaler"])
+                self._load_sharded(entry, meta)
+            for name, part in self._parts.items():
+                if name not in meta:
+                    if not (entry.sharded and isinstance(part, ShardedState)):
+                        print(f"{entry.path} has no {name}: it starts afresh", flush=True)
+                elif isinstance(part, ShardedState) and not entry.sharded:
+                    part.load_full_state_dict(meta[name])
+                elif not isinstance(part, ShardedState):
+                    part.load_state_dict(meta[name])
         except (KeyError, RuntimeError, ValueError, TypeError, AssertionError, CheckpointException) as error:
             raise CheckpointError(
                 f"the run directory's checkpoint {entry.path} does not fit this config ({_short(error)}); "
                 "use another hydra.run.dir or move its checkpoints/ away to start afresh"
             ) from error
-        rng_per_rank = meta["rng"]
-        if len(rng_per_rank) == self.processes.world_size:
-            restore_rng_state(rng_per_rank[self.processes.rank])
-        else:
-            reseed_per_rank(self.seed, self.processes, resumed_at_step=meta["step"])
-        p["state"].load_state_dict(meta["train_state"])
         self._last_save_time = time.monotonic()
         return True
 
-    def _sharded_state(self) -> dict[str, Any]:
-        """The tensors of a sharded checkpoint, as views of the parts' own storage (this rank's
-        shards under FSDP): saving reads them, loading writes into them."""
-        p = self._parts
-        reshard(p["model"])
-        state = {
-            "model": get_model_state_dict(p["model"]),
-            "optimizer": get_optimizer_state_dict(p["model"], p["optimizer"]),
-        }
-        if p["ema"] is not None:
-            state["model_ema"] = p["ema"].state_dict(p["model"])
-        return state
+    def _sharded_parts(self) -> dict[str, ShardedState]:
+        return {name: part for name, part in self._parts.items() if isinstance(part, ShardedState)}
 
-    def _load_sharded(self, entry: Entry) -> None:
-        p = self._parts
-        # get_optimizer_state_dict creates the optimizer's state with a zero-lr step, which it skips
-        # when gradients are present.
-        p["optimizer"].zero_grad(set_to_none=True)
-        state = self._sharded_state()
+    def _load_sharded(self, entry: Entry, meta: dict[str, Any]) -> None:
+        """The sharded parts the directory holds (meta.pt lists them), read by every rank into its own
+        shards in place; a part the directory lacks starts afresh (said once, by `load_latest`)."""
+        saved = set(meta.get(SHARDED_PARTS, ()))
+        for name in self._sharded_parts().keys() - saved:
+            print(f"{entry.path} has no {name}: it starts afresh", flush=True)
+        state = {name: part.state_dict() for name, part in self._sharded_parts().items() if name in saved}
         dcp.load(
             state,
             storage_reader=SafeReader(entry.path),
@@ -191,8 +172,8 @@ class Checkpointer:
             process_group=self.processes.checkpointing,
             no_dist=not self.processes.distributed,
         )
-        set_model_state_dict(p["model"], state["model"])
-        set_optimizer_state_dict(p["model"], p["optimizer"], state["optimizer"])
+        for name, values in state.items():
+            self._parts[name].load_state_dict(values)
 
     # ----------------------------------------------------------------------------------------------
     # The loop's calls
@@ -230,22 +211,15 @@ class Checkpointer:
     def save(self, *, best: Sequence[str] = ()) -> SaveReport:
         """Write a checkpoint of the tracked parts at the train state's step (every rank calls it).
         `best`: link names (`best`, `best_ema`) to point at it."""
-        p = self._parts
         self._agreement.receive()  # flags sent before a save are about the time before it
         self._finish_pending()  # first: an async save of good weights is published whatever comes next
-        # A finite loss can still leave non-finite weights behind (the update after it diverged):
-        # such weights must never replace the last good checkpoint.
-        if not all_finite(p["model"]):
-            raise NonFiniteWeights(
-                f"the weights became non-finite by step {p['state'].step}; the run stopped and the last "
-                "checkpoint before it is kept. Lower optimizer.lr or set trainer.clip_grad"
-            )
+        self._refuse_non_finite()
         started = time.perf_counter()
         self._last_save_time = time.monotonic()  # the interval runs from save to save start
         _, peak = measure_peak_rss(lambda: self._save(list(best)))
         if self.processes.distributed:
             self._send_flags()
-        return SaveReport(step=p["state"].step, seconds=time.perf_counter() - started, peak_rss_mb=peak)
+        return SaveReport(step=self._train_state.step, seconds=time.perf_counter() - started, peak_rss_mb=peak)
 
     def finish(self) -> None:
         """Publish an async save still in flight (every rank calls it, at the end of training or a
@@ -265,42 +239,51 @@ class Checkpointer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def _refuse_non_finite(self) -> None:
+        """A finite loss can still leave non-finite weights behind (the update after it diverged):
+        such weights must never replace the last good checkpoint. Each rank checks its own shards."""
+        parts = self._sharded_parts()
+        finite = torch.stack(
+            [torch.stack([torch.isfinite(t).all() for t in part.local_tensors()]).all() for part in parts.values()]
+        ).to(torch.int32)
+        if self.processes.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        bad = [name for name, ok in zip(parts, finite.tolist(), strict=True) if not ok]
+        if bad:
+            raise NonFiniteWeights(
+                f"the {', '.join(bad)} became non-finite by step {self._train_state.step}; the run stopped and the "
+                "last checkpoint before it is kept. Lower optimizer.lr or set trainer.clip_grad"
+            )
+
     def _meta(self) -> dict[str, Any]:
-        p = self._parts
+        """What a checkpoint says about itself, for the run's resume and for readers (eval.py)."""
         return {
-            "step": p["state"].step,
-            "epoch": p["state"].epoch,
+            "step": self._train_state.step,
+            "epoch": self._train_state.epoch,
             "config": self.config,
-            "train_state": p["state"].state_dict(),
-            "scaler": p["scaler"].state_dict(),
-            "rng": gather_objects(rng_state(), self.processes),  # one entry per rank
             # In a sharded checkpoint this goes to meta.pt, which reading the directory (and so
             # `consolidate`) merges into the one dict: the names survive every layout.
             **({"class_names": self.class_names} if self.class_names is not None else {}),
         }
 
+    def _small_states(self) -> dict[str, Any]:
+        """The small parts' state dicts (collectives: every rank's RNG state is gathered)."""
+        return {name: part.state_dict() for name, part in self._parts.items() if not isinstance(part, ShardedState)}
+
     def _save(self, best: list[str]) -> None:
-        step = self._parts["state"].step
+        step = self._train_state.step
         self._save_sharded(step, best) if self.format == "dcp" else self._save_full(step, best)
 
     def _save_full(self, step: int, best: list[str]) -> None:
-        p = self._parts
-        # Collectives (gathers under FSDP): every rank takes part; rank 0 receives the whole tensors.
-        weights, optimizer_state = full_state_dicts(p["model"], p["optimizer"])
-        ema_weights = None
-        if p["ema"] is not None:
-            with p["ema"].swapped_into(p["model"]):
-                ema_weights = full_state_dicts(p["model"], None)[0]
-                if not is_sharded(p["model"]):
-                    # Unsharded, the state dict holds the model's own tensors, which get the trained
-                    # weights back when the block ends (under FSDP they are fresh CPU copies already).
-                    ema_weights = {k: v.clone() for k, v in ema_weights.items()}
-        meta = self._meta()
+        # Collectives (gathers under FSDP): every rank takes part, in the parts' order; rank 0 receives
+        # the whole tensors, keyed by parameter name (the optimizer's too).
+        states = {
+            name: part.full_state_dict() if isinstance(part, ShardedState) else part.state_dict()
+            for name, part in self._parts.items()
+        }
         outcome = None
         if self.processes.is_main:
-            checkpoint = {"model": weights, "optimizer": optimizer_state, **meta}  # optimizer keyed by parameter name
-            if ema_weights is not None:
-                checkpoint["model_ema"] = ema_weights
+            checkpoint = {**states, **self._meta()}
             try:
                 self._publish_links(self.directory.write_full(checkpoint, step), best)
             except UserError as error:
@@ -312,7 +295,8 @@ class Checkpointer:
         self._shared_outcome(outcome)
 
     def _save_sharded(self, step: int, best: list[str]) -> None:
-        state, meta = self._sharded_state(), self._meta()
+        state = {name: part.state_dict() for name, part in self._sharded_parts().items()}
+        meta = {**self._small_states(), **self._meta(), SHARDED_PARTS: list(state)}
         temporary = self.directory.sharded_temporary(step)
         problem = None
         if self.processes.is_main:

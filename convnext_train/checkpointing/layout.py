@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from convnext_train.atomic import DiskFullError, fsync_path
-from convnext_train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from convnext_train.checkpoints.sharded import META_FILE, is_sharded_checkpoint
 from convnext_train.errors import UserError
+from convnext_train.weights import CheckpointError, read_checkpoint, save_checkpoint
+from convnext_train.weights.sharded import META_FILE, is_sharded_checkpoint
 
 LINKS = ("last", "best", "best_ema")
 FORMATS = ("auto", "full", "dcp")

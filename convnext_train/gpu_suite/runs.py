@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from convnext_train.checkpoints import read_checkpoint
 from convnext_train.gpu_suite.plan import REPO, Plan
+from convnext_train.weights import read_checkpoint
 
 CUDA_TEST_FILES = ["tests/test_batch_augment.py"]  # the files holding `@pytest.mark.cuda` tests
 

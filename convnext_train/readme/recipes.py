@@ -1,7 +1,7 @@
 """The README's recipe table: every training recipe of the papers, read from the configs train.py runs.
 
-    python -m convnext_train.recipes                  # print it (Markdown)
-    python -m convnext_train.recipes --update README.md
+    python -m convnext_train.readme.recipes                  # print it (Markdown)
+    python -m convnext_train.readme.recipes --update README.md
 
 A recipe is conf/train.yaml's defaults (the ImageNet-1K recipe) plus at most one conf/experiment
 file, which holds only what differs. An experiment's per-variant values sit in a table under a
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from convnext_train import configs
 from convnext_train.data.transforms import SQUASH_FROM_SIZE
-from convnext_train.models.table import PAPER_TOP1
 from convnext_train.readme import table_command
+from convnext_train.readme.models import PAPER_TOP1
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 START, END = "<!-- recipe-table:start -->", "<!-- recipe-table:end -->"
 
 # ImageNet-1K top-1 (%) of the fine-tuned models, from the paper's Table 1 (also the official README).
@@ -48,7 +46,7 @@ class Recipe:
 
 def experiment_models(experiment: str) -> tuple[str, ...]:
     """The variants an experiment file has a row for in its per-variant table."""
-    return tuple(OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml")[experiment])
+    return tuple(configs.load("experiment", experiment)[experiment])
 
 
 def recipes() -> list[Recipe]:
@@ -68,8 +66,7 @@ def compose_config(model: str, experiment: str | None = None, overrides: Sequenc
     """The resolved config of `python train.py model=<model> [experiment=<experiment>] <overrides>`,
     without the `hydra` node: what `--cfg job --resolve` prints, composed in this process."""
     choices = [f"model={model}", *([f"experiment={experiment}"] if experiment else [])]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("train", overrides=[*choices, *overrides], return_hydra_config=True)
+    cfg = configs.compose_train([*choices, *overrides])
     # Experiments pick their per-variant row through ${hydra:runtime.choices.model}, which reads
     # Hydra's runtime config: set it as a real run does.
     HydraConfig.instance().set_config(cfg)

@@ -26,7 +26,9 @@ from transformers import (
     ConvNextV2ForImageClassification,
 )
 
-from convnext_train.checkpoints import (
+from convnext_train.errors import exit_on_user_error
+from convnext_train.models import ConvNeXt, ConvNeXtIsotropic, ConvNeXtV2
+from convnext_train.weights import (
     CheckpointError,
     detect_format,
     export_hf,
@@ -38,8 +40,6 @@ from convnext_train.checkpoints import (
     state_dict_from_checkpoint,
     timm_to_official,
 )
-from convnext_train.errors import exit_on_user_error
-from convnext_train.models import ConvNeXt, ConvNeXtIsotropic, ConvNeXtV2
 
 DEPTHS = (1, 1, 2, 1)
 DIMS = (8, 16, 24, 32)
@@ -502,8 +502,8 @@ def fcmae_checkpoint(model: torch.nn.Module) -> dict:
 def test_fcmae_pretraining_checkpoint_fine_tunes_the_v2_backbone(tmp_path):
     from conftest import randomize_
 
-    from convnext_train.checkpoints import detect_format, load_pretrained
     from convnext_train.models import ConvNeXtV2
+    from convnext_train.weights import detect_format, load_pretrained
 
     pretrained = randomize_(ConvNeXtV2(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10))
     checkpoint = fcmae_checkpoint(pretrained)

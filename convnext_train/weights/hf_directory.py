@@ -29,7 +29,7 @@ from huggingface_hub.constants import (
     SAFETENSORS_SINGLE_FILE,
 )
 
-from convnext_train.checkpoints.errors import CheckpointError
+from convnext_train.weights.errors import CheckpointError
 
 __all__ = ["is_hf_directory", "read_hf_directory", "resolve_hub_cache"]
 

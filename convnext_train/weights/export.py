@@ -13,9 +13,9 @@ from pathlib import Path
 
 from torch import nn
 
-from convnext_train.checkpoints.errors import CheckpointError
-from convnext_train.checkpoints.files import save_checkpoint
-from convnext_train.checkpoints.layouts import (
+from convnext_train.weights.errors import CheckpointError
+from convnext_train.weights.files import save_checkpoint
+from convnext_train.weights.layouts import (
     _reject_isotropic,
     architecture,
     is_v2,

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from convnext_train.atomic import write_atomically
-from convnext_train.checkpoints.errors import CheckpointError
-from convnext_train.checkpoints.hf_directory import is_hf_directory, read_hf_directory, resolve_hub_cache
-from convnext_train.checkpoints.sharded import UnsafeMetadata, is_sharded_checkpoint, read_sharded
+from convnext_train.weights.errors import CheckpointError
+from convnext_train.weights.hf_directory import is_hf_directory, read_hf_directory, resolve_hub_cache
+from convnext_train.weights.sharded import UnsafeMetadata, is_sharded_checkpoint, read_sharded
 
 try:  # numpy >= 2 moved `numpy.core` to `numpy._core`
     from numpy._core.multiarray import scalar as _numpy_scalar

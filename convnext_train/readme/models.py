@@ -1,22 +1,18 @@
 """The variant table of the README: parameters and GMACs computed from `conf/model`, the papers'
 top-1 beside them.
 
-    python -m convnext_train.models.table                 # print it (Markdown)
-    python -m convnext_train.models.table --update README.md
+    python -m convnext_train.readme.models                 # print it (Markdown)
+    python -m convnext_train.readme.models --update README.md
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from omegaconf import OmegaConf
 
+from convnext_train import configs
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
 from convnext_train.readme import table_command
-
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 # ImageNet-1K top-1 (%) at 224 px as the papers report it. V1: "A ConvNet for the 2020s", Tables 1
 # and 2 (trained on IN-1K from scratch; XL was only trained with IN-22K). V2: "ConvNeXt V2", the
@@ -47,13 +43,13 @@ START, END = "<!-- variant-table:start -->", "<!-- variant-table:end -->"
 def variants() -> list[tuple[str, torch.nn.Module]]:
     """(name, weightless model) for every config, by family, then by size."""
     families = {"convnext": 0, "convnext_iso": 1, "convnextv2": 2}
-    models = [(p.stem, _meta_model(p.stem)) for p in MODEL_CONFIG_DIR.glob("*.yaml")]
+    models = [(name, _meta_model(name)) for name in configs.options("model")]
     return sorted(models, key=lambda item: (families[item[0].rsplit("_", 1)[0]], count_params(item[1])))
 
 
 def _meta_model(name: str) -> torch.nn.Module:
     with torch.device("meta"):
-        return build_model(OmegaConf.load(MODEL_CONFIG_DIR / f"{name}.yaml"))
+        return build_model(configs.load("model", name))
 
 
 def markdown_table() -> str:

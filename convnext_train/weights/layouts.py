@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from convnext_train.checkpoints.errors import CheckpointError
+from convnext_train.weights.errors import CheckpointError
 
 __all__ = [
     "FCMAE_DROPPED",

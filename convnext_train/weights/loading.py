@@ -13,13 +13,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from convnext_train.checkpoints.errors import CheckpointError
-from convnext_train.checkpoints.files import read_checkpoint
-from convnext_train.checkpoints.layouts import FCMAE_MISSING, architecture, detect_format, is_v2, to_official
-from convnext_train.models.table import MODEL_CONFIG_DIR
+from convnext_train import configs
+from convnext_train.weights.errors import CheckpointError
+from convnext_train.weights.files import read_checkpoint
+from convnext_train.weights.layouts import FCMAE_MISSING, architecture, detect_format, is_v2, to_official
 
 __all__ = ["load_pretrained", "load_weights", "state_dict_from_checkpoint", "variant_named"]
 
@@ -193,9 +192,9 @@ def _check_hf_config(model: nn.Module, checkpoint: Mapping[str, Any], *, labels:
 def variant_named(model_type: str, depths: list[int], dims: list[int]) -> str | None:
     """The conf/model config of this family and size, if there is one."""
     target = "ConvNeXtV2" if model_type == "convnextv2" else "ConvNeXt"
-    for path in sorted(MODEL_CONFIG_DIR.glob("*.yaml")):
-        cfg = OmegaConf.load(path)
+    for name in configs.options("model"):
+        cfg = configs.load("model", name)
         same_size = list(cfg.get("depths", [])) == depths and list(cfg.get("dims", [])) == dims
         if same_size and cfg.get("_target_", "").rsplit(".", 1)[-1] == target:
-            return path.stem
+            return name
     return None

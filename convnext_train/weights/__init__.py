@@ -1,4 +1,9 @@
-"""Checkpoint files: safe reading, atomic saving, and conversion between parameter layouts.
+"""Weight formats: reading any checkpoint file safely, saving one atomically, and converting between
+the parameter layouts of the official release, timm, Hugging Face, torchvision and FCMAE.
+
+This package knows files and layouts, never a training run: the run's own checkpoints (resume, the
+lock, retention, sharded saves) are `convnext_train/checkpointing`'s, which reads and writes its
+files through this package.
 
 Our models use the official facebookresearch parameter names, so the official release loads as-is.
 timm, Hugging Face `transformers` and torchvision name (and sometimes shape) the same tensors
@@ -14,18 +19,18 @@ Modules, each importing only those before it:
 - `files`: reading a file or such a directory onto the CPU (safe unpickling) and saving one atomically;
 - `layouts`: the timm, Hugging Face, torchvision and FCMAE layouts, to and from the official one, and
   detecting them;
-- `weights`: finding the weights in a checkpoint and loading them into our models;
+- `loading`: finding the weights in a checkpoint and loading them into our models;
 - `export`: writing a model as a Hugging Face `from_pretrained` directory or a torchvision state dict.
 
-Everything is imported from here (`from convnext_train.checkpoints import load_weights`).
+Everything is imported from here (`from convnext_train.weights import load_weights`).
 """
 
 from __future__ import annotations
 
-from convnext_train.checkpoints.errors import CheckpointError
-from convnext_train.checkpoints.export import export_hf, export_torchvision
-from convnext_train.checkpoints.files import read_checkpoint, save_checkpoint
-from convnext_train.checkpoints.layouts import (
+from convnext_train.weights.errors import CheckpointError
+from convnext_train.weights.export import export_hf, export_torchvision
+from convnext_train.weights.files import read_checkpoint, save_checkpoint
+from convnext_train.weights.layouts import (
     FCMAE_DROPPED,
     FCMAE_MISSING,
     detect_format,
@@ -38,7 +43,7 @@ from convnext_train.checkpoints.layouts import (
     to_official,
     torchvision_to_official,
 )
-from convnext_train.checkpoints.weights import load_pretrained, load_weights, state_dict_from_checkpoint
+from convnext_train.weights.loading import load_pretrained, load_weights, state_dict_from_checkpoint
 
 __all__ = [
     "FCMAE_DROPPED",
