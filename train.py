@@ -6,12 +6,9 @@ from convnext_train import preemption
 
 preemption.install()
 
-import sys  # noqa: E402
-
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from convnext_train.config import refuse_moved_keys  # noqa: E402
 from convnext_train.errors import exit_on_user_error  # noqa: E402
 
 
@@ -24,5 +21,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(refuse_moved_keys)(sys.argv[1:])
     main()

@@ -15,7 +15,7 @@
   default, autocast per `trainer.precision`, a `trainer.micro_batch_size` batch on the device.
   `vs=timm` as above.
 - `loader`: fully augmented training batches from the `data` config through our real loaders
-  (`data.datasets.build_loaders`: ImageFolder or FFCV), moved to the device and mixed (Mixup/CutMix) as the
+  (`data.sources.build_loaders`: any data.kind), moved to the device and mixed (Mixup/CutMix) as the
   training step does before its forward pass.
 
 Arguments are train.py's overrides, plus the bench's own options (train.py's config has no such keys):
@@ -59,8 +59,8 @@ from torch import nn
 
 from convnext_train import configs
 from convnext_train.config import validate_train_config
-from convnext_train.data.datasets import build_datasets, build_loaders
-from convnext_train.data.loaders import EpochSampler, Loaders, make_loader
+from convnext_train.data.loaders import Loaders
+from convnext_train.data.sources import LoaderArgs, build_loaders
 from convnext_train.data.transforms import mixup_fn
 from convnext_train.distributed import Processes
 from convnext_train.engine import LossWindow, optimizer_step
@@ -237,12 +237,8 @@ def resident_batch(cfg: DictConfig, device: torch.device) -> Batch:
     """One micro-batch of `data=synthetic` training items, collated by our loader and moved to the
     device once, in the layout the model takes (so the step's `.to()` is free). `replaced` stays on
     the CPU, where the step reads it."""
-    train_images, _ = build_datasets(cfg.data, cfg.aug, seed=cfg.trainer.seed)
-    sampler = EpochSampler(len(train_images), seed=cfg.trainer.seed, shuffle=True, drop_last=True)
-    loader = make_loader(
-        train_images, sampler, batch_size=cfg.trainer.micro_batch_size, num_workers=0, pin_memory=False, drop_last=True
-    )
-    images, targets, replaced = next(iter(loader))
+    cpu = LoaderArgs(seed=cfg.trainer.seed, batch_size=cfg.trainer.micro_batch_size, device=torch.device("cpu"))
+    images, targets, replaced = next(iter(build_loaders(cfg.data, cfg.aug, cpu).train))
     return images.to(device, memory_format=memory_format_of(cfg)), targets.to(device), replaced
 
 
@@ -304,7 +300,7 @@ def loader_step(cfg: DictConfig, device: torch.device) -> Contender:
     """Next training batch as the trainer loads it, then what `optimizer_step` does to it before the
     forward pass: the copy to the device (channels-last) and Mixup/CutMix."""
     t = cfg.trainer
-    loaders = build_loaders(cfg.data, cfg.aug, seed=t.seed, batch_size=t.micro_batch_size, device=device)
+    loaders = build_loaders(cfg.data, cfg.aug, LoaderArgs(seed=t.seed, batch_size=t.micro_batch_size, device=device))
     batches = epoch_after_epoch(loaders)
     memory_format = memory_format_of(cfg)
     mixup = mixup_fn(cfg.aug, cfg.data.num_classes)

@@ -12,33 +12,26 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from convnext_train.checkpointing.layout import FORMATS, resolve_format
+from convnext_train.data.sources import source
 from convnext_train.errors import UserError
 from convnext_train.parallelize import STRATEGIES
+from convnext_train.problems import Problems
+from convnext_train.problems import number as _number
+from convnext_train.problems import positive_int as _positive_int
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-FFCV_ORDERS = ("random", "quasi_random")  # data=ffcv: EpochSampler's permutation, or FFCV's page-local shuffle
-# Keys that moved to another place; the old name on the command line gets one line naming the new one.
-MOVED_KEYS = {
-    "trainer.checkpoint_every_minutes": "checkpoint.every_minutes",
-    "trainer.keep_last": "checkpoint.keep_last",
-}
-
-
-def refuse_moved_keys(overrides: list[str]) -> None:
-    """train.py's command line, before Hydra composes it (Hydra would only say the key is unknown)."""
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key in MOVED_KEYS:
-            raise UserError(f"{key} is now {MOVED_KEYS[key]}: pass {MOVED_KEYS[key]}={value} instead")
 
 
 def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
-    fill_num_classes(cfg)
+    data_source = source(cfg.data.kind)
+    if data_source.evaluation_only:
+        raise UserError(f"data={cfg.data.kind} is an evaluation set: score a checkpoint on it with eval.py")
+    data_source.fill_from_data(cfg.data, "train_split")
     _resolve(cfg)
     _require_set(cfg)
     t, opt, aug = cfg.trainer, cfg.optimizer, cfg.aug
-    problems = _Problems(cfg)
+    problems = Problems(cfg)
     require = problems.require
 
     require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}")
@@ -110,30 +103,10 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     mixing = _number(aug.mixup) and _number(aug.cutmix) and (aug.mixup > 0 or aug.cutmix > 0)
     if mixing and _positive_int(t.micro_batch_size):
         require(t.micro_batch_size % 2 == 0, "trainer.micro_batch_size", "must be even when Mixup/CutMix is on")
-    _require_data_sizes(require, cfg)
-    if cfg.data.get("kind") == "ffcv":
-        require(cfg.data.order in FFCV_ORDERS, "data.order", f"must be one of {', '.join(FFCV_ORDERS)}")
-        require(isinstance(cfg.data.os_cache, bool), "data.os_cache", "must be true or false")
-        require(_positive_int(cfg.data.batches_ahead), "data.batches_ahead", "must be a positive integer")
-    if cfg.data.get("kind") == "wds":
-        require(_positive_int(cfg.data.shuffle_buffer), "data.shuffle_buffer", "must be a positive integer")
+    _require_data(problems, cfg)
     if not problems.found and aug.random_resized_crop:
         problems.found += _augmentation_problems(aug, cfg.data.img_size)
     problems.raise_if_any()
-
-
-def fill_num_classes(cfg: DictConfig, split_key: str = "train_split") -> None:
-    """`data.num_classes: null` on an ImageFolder tree (data=imagefolder): the count of its class
-    folders, set before anything reads it (model.num_classes interpolates it; the recipe check on
-    resume and the checkpoint's config see the number). Without a data.root yet, `_require_set` speaks."""
-    data = cfg.data
-    if data.get("kind") != "imagefolder" or OmegaConf.is_missing(data, "num_classes") or data.num_classes is not None:
-        return
-    if OmegaConf.is_missing(data, "root") or data.root is None or data[split_key] is None:
-        return
-    from convnext_train.data.imagefolder import class_folders  # torchvision: only for this kind
-
-    data.num_classes = len(class_folders(data.root, data[split_key]))
 
 
 def _require_checkpoint(require: Callable[[bool, str, str], None], cfg: DictConfig, world_size: int) -> None:
@@ -154,11 +127,11 @@ def _require_checkpoint(require: Callable[[bool, str, str], None], cfg: DictConf
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
-    fill_num_classes(cfg, split_key="val_split")  # the split eval.py reads
+    source(cfg.data.kind).fill_from_data(cfg.data, "val_split")  # the split eval.py reads
     _resolve(cfg)
     _require_set(cfg)
     e = cfg.eval
-    problems = _Problems(cfg)
+    problems = Problems(cfg)
     require = problems.require
     require(e.precision in PRECISIONS, "eval.precision", f"must be one of {', '.join(PRECISIONS)}")
     require(e.device in DEVICES, "eval.device", f"must be one of {', '.join(DEVICES)}")
@@ -166,34 +139,19 @@ def validate_eval_config(cfg: DictConfig) -> None:
     require(_positive_int(e.batch_size), "eval.batch_size", "must be a positive integer")
     for key in ("use_ema", "trust_checkpoint", "channels_last"):
         require(isinstance(e[key], bool), f"eval.{key}", "must be true or false")
-    _require_data_sizes(require, cfg)
+    _require_data(problems, cfg)
     problems.raise_if_any()
 
 
-class _Problems:
-    """What is wrong with one config, each problem naming its key and value; reported as one line."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.found: list[str] = []
-
-    def require(self, ok: bool, key: str, message: str) -> None:
-        if not ok:
-            self.found.append(f"{key}={_show(self.cfg, key)}: {message}")
-
-    def raise_if_any(self) -> None:
-        if self.found:
-            raise UserError("invalid config: " + "; ".join(self.found))
-
-
-def _require_data_sizes(require: Callable[[bool, str, str], None], cfg: DictConfig) -> None:
-    """The data keys that train.py and eval.py share."""
-    require(_positive_int(cfg.data.img_size), "data.img_size", "must be a positive integer")
-    require(
+def _require_data(problems: Problems, cfg: DictConfig) -> None:
+    """The data keys every source has (train.py and eval.py alike), then the source's own."""
+    problems.require(_positive_int(cfg.data.img_size), "data.img_size", "must be a positive integer")
+    problems.require(
         isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0,
         "data.num_workers",
         "must be an integer >= 0",
     )
+    source(cfg.data.kind).check(cfg.data, problems)
 
 
 def _require_set(cfg: DictConfig) -> None:
@@ -201,16 +159,7 @@ def _require_set(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if not missing:
         return
-    hint = ""
-    if "data.root" in missing:
-        if cfg.data.get("kind") == "ffcv":
-            hint = " (data.root: the directory of train.beton and val.beton; `python data/write_ffcv.py` writes them)"
-        elif cfg.data.get("kind") == "wds":
-            hint = " (data.root: the directory of <split>-NNNNNN.tar shards; `python data/write_wds.py` writes them)"
-        elif cfg.data.get("kind") == "hf":
-            hint = " (data.root: a save_to_disk directory, or parquet shards <root>/data/<split>-*.parquet)"
-        else:
-            hint = " (data.root: the ImageFolder root, <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG)"
+    hint = f" (data.root: {source(cfg.data.kind).root_hint})" if "data.root" in missing else ""
     raise UserError(f"set {', '.join(missing)} on the command line, e.g. data.root=/datasets/imagenet{hint}")
 
 
@@ -245,18 +194,3 @@ def _resolve(cfg: DictConfig) -> None:
                 f"{', '.join(cfg[table].keys())}; pick one of those or set the missing keys yourself"
             ) from None
         raise UserError(f"the config does not resolve: {error}") from None
-
-
-def _show(cfg: DictConfig, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,5 +1,6 @@
-"""One optimizer step of the recipe and one evaluation pass: pure functions of the parts they are
-given (`parts.TrainParts`), returning numbers. The epoch loop that calls them is the trainer's.
+"""One optimizer step of the recipe: a pure function of the parts it is given (`parts.TrainParts`).
+What a micro-batch's loss is, and what an evaluation scores, is the task's (convnext_train/tasks);
+the epoch loop that calls them is the trainer's.
 
 No host synchronisation inside a step: losses stay on the device in a `LossWindow` and are read
 when the trainer logs (and before a checkpoint is written, so a non-finite loss never reaches a
@@ -13,10 +14,8 @@ import time
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from convnext_train.distributed import all_reduce_sum
 from convnext_train.errors import UserError
 from convnext_train.optim import set_lr
 from convnext_train.parts import TrainParts
@@ -32,12 +31,10 @@ def optimizer_step(parts: TrainParts, batches: Iterator, window: LossWindow, ste
         window.skipped_images += int(replaced.sum())  # a CPU tensor: no device sync
         images = images.to(parts.device, non_blocking=True, memory_format=parts.memory_format)
         targets = targets.to(parts.device, non_blocking=True)
-        if parts.mixup is not None:
-            images, targets = parts.mixup(images, targets)
         # Gradients are all-reduced across processes once per step, on the last micro-batch.
         with parts.no_sync() if micro < parts.accumulation - 1 else contextlib.nullcontext():
             with parts.autocast():
-                loss = parts.criterion(parts.forward(images), targets)
+                loss = parts.task.loss(parts.forward, images, targets)
             parts.scaler.scale(loss / parts.accumulation).backward()
         window.add(loss.detach(), step)
     if parts.clip_grad:
@@ -97,61 +94,3 @@ class LossWindow:
 
 class NonFiniteLoss(UserError):
     pass
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, *, device: torch.device, autocast, memory_format, lockstep_shape: tuple | None = None
-) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy over the loader's images.
-
-    `lockstep_shape`: the model's forward is a collective (FSDP), so every process must call it as
-    often as the one with the most batches; the others run unscored forwards of this shape.
-    """
-    model.eval()
-    correct1 = torch.zeros((), dtype=torch.long, device=device)
-    correct5 = torch.zeros((), dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = skipped = idle_forwards = 0
-    if lockstep_shape is not None:  # agreed before the first forward: collectives must pair up
-        most = torch.tensor(len(loader), device=device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        idle_forwards = int(most) - len(loader)
-    for images, targets, replaced in loader:
-        skipped += int(replaced.sum())
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == targets[:, None]
-        correct1 += hits[:, 0].sum()
-        correct5 += hits.any(dim=1).sum()
-        count += targets.numel()
-    for _ in range(idle_forwards):
-        with autocast():
-            model(torch.zeros(lockstep_shape, device=device).to(memory_format=memory_format))
-    # Each process scored its own shard; the sums over all of them are the whole set's.
-    totals = all_reduce_sum(
-        torch.stack(
-            [
-                correct1.double(),
-                correct5.double(),
-                loss_sum,
-                torch.tensor(float(count), device=device, dtype=torch.float64),
-                torch.tensor(float(skipped), device=device, dtype=torch.float64),
-            ]
-        )
-    ).tolist()
-    correct1_all, correct5_all, loss_all, count_all, skipped_all = totals
-    if count_all == 0:
-        raise UserError("the validation set is empty: put images under <data.root>/<data.val_split>/<class>/")
-    return {
-        "top1": 100.0 * correct1_all / count_all,
-        "top5": 100.0 * correct5_all / count_all,
-        "loss": loss_all / count_all,
-        "images": int(count_all),
-        "skipped_images": int(skipped_all),
-    }

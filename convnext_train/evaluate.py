@@ -22,9 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from convnext_train.config import validate_eval_config
-from convnext_train.data.datasets import build_val_loader
+from convnext_train.data.sources import LoaderArgs, build_val_loader
 from convnext_train.distributed import device_for, init_processes, launch_environment, shutdown
-from convnext_train.engine import evaluate
 from convnext_train.errors import UserError
 from convnext_train.inference import CheckpointModel, load_checkpoint_model
 from convnext_train.models import build_model
@@ -32,6 +31,7 @@ from convnext_train.models.complexity import count_gmacs, count_params
 from convnext_train.robustness import Scorer, is_robustness_run, score_sets
 from convnext_train.robustness import format_table as robustness_table
 from convnext_train.runtime import autocast, prepare_device, resolve_device
+from convnext_train.tasks.classification import evaluate
 
 IMAGENET_CLASSES = 1000  # the class count when neither data.num_classes nor a checkpoint gives one
 
@@ -83,7 +83,7 @@ def _run(cfg, checkpoints, given, device, processes, robust) -> list[dict[str, A
                 f"{checkpoint or 'the model'} has a {len(loaded.class_names)}-class head"
             )
         if loader is None and cfg.data.root and not robust:
-            loader = build_val_loader(cfg.data, e.crop_pct, batch_size=e.batch_size, device=device)
+            loader = build_val_loader(cfg.data, e.crop_pct, LoaderArgs(seed=0, batch_size=e.batch_size, device=device))
         with torch.device("meta"):
             gmacs = count_gmacs(build_model(loaded.model_cfg), cfg.data.img_size)
         model = loaded.model.to(device=device, memory_format=memory_format).eval()
@@ -166,7 +166,7 @@ def _load(cfg: DictConfig, checkpoint: str | None, given: str | None) -> Checkpo
 
 
 class _Recorder:
-    """Each image's target and top-1 prediction, taken beside engine.evaluate (the one scoring loop
+    """Each image's target and top-1 prediction, taken beside tasks.classification.evaluate (the one scoring loop
     training shares) from the same forwards: the targets as the batches pass, the predictions by a
     forward hook, so per-class numbers cost no second pass over the data."""
 

@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from convnext_train.data.sources import source
+
 # Below this many training images, a run from scratch gets the note. The paper trains from scratch on
 # ImageNet-1K (1.28 M images) and up; where a dataset stops being enough is a judgement call: 50k is
 # CIFAR's size, on which ConvNets from scratch need their own recipe and lose to fine-tuned ones.
@@ -25,16 +27,16 @@ def closing_summary(summary: dict[str, Any], cfg: DictConfig, run_dir: Path, che
     commands that come next for its checkpoints (in the `checkpoints` directory)."""
     epochs = summary["epochs"]
     lines = [f"done: {epochs} epoch{'s' * (epochs != 1)}, {summary['steps']} steps in {summary['wall_seconds']:.0f} s"]
-    if summary["best_top1"] is not None:
+    if summary.get("best_top1") is not None:
         lines.append(f"top-1: best {summary['best_top1']:.2f}%, final {summary['top1']:.2f}%")
     if summary.get("best_top1_ema") is not None:
         lines.append(f"EMA top-1: best {summary['best_top1_ema']:.2f}%, final {summary['top1_ema']:.2f}%")
     lines.append(f"run directory: {run_dir}")
-    name = "best" if summary["best_top1"] is not None else "last"
+    name = "best" if summary.get("best_top1") is not None else "last"
     # A full file (`best.pt`) or, sharded, a link to a directory (`best`): eval.py and predict.py read both.
     checkpoint = next((path for path in (checkpoints / f"{name}.pt", checkpoints / name) if path.exists()), None)
     lines.append("next:")
-    if checkpoint is not None and summary["best_top1"] is not None:
+    if checkpoint is not None and summary.get("best_top1") is not None:
         lines.append("  " + _command("python eval.py", checkpoint=checkpoint, **_eval_overrides(cfg)))
     lines.append(f"  python -m convnext_train.plot {shlex.quote(str(run_dir))}")
     if checkpoint is not None:  # None only where someone moved the checkpoints away
@@ -77,7 +79,7 @@ def warn_if_small_from_scratch(cfg: DictConfig, train_images: int) -> None:
     """A ConvNeXt trained from random weights on a few thousand images of one's own seldom reaches what
     a fine-tuned pre-trained one does: say so once, without stopping. (The bundled demo is such a run on
     purpose, and synthetic data only measures speed.)"""
-    if cfg.finetune.checkpoint or cfg.data.kind in ("digits", "synthetic") or train_images >= SMALL_DATASET_IMAGES:
+    if cfg.finetune.checkpoint or not source(cfg.data.kind).real_images or train_images >= SMALL_DATASET_IMAGES:
         return
     print(
         f"note: the training set has {train_images:,} images and finetune.checkpoint is not set: a ConvNeXt "

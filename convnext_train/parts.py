@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from convnext_train.data.transforms import mixup_fn, train_loss
 from convnext_train.distributed import Processes
 from convnext_train.ema import WeightEma
 from convnext_train.optim import build_optimizer
 from convnext_train.parallelize import parallelize
 from convnext_train.runtime import autocast
 from convnext_train.schedule import cosine_lr
+from convnext_train.tasks import Task, build_task
 
 
 @dataclass
@@ -33,8 +33,7 @@ class TrainParts:
     ema: WeightEma | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    criterion: nn.Module
-    mixup: Callable | None
+    task: Task  # what a micro-batch's loss is (classification: Mixup/CutMix and its cross-entropy)
     lr_at: Callable[[int], float]  # the recipe's lr at an optimizer step
     accumulation: int  # micro-batches per optimizer step on each process
     device: torch.device
@@ -50,7 +49,7 @@ def build_parts(
     cfg: DictConfig, model: nn.Module, processes: Processes, device: torch.device, *, steps_per_epoch: int
 ) -> TrainParts:
     """`model` (freshly built, on the CPU) made ready to train with `cfg`'s recipe: on its device,
-    wrapped by the strategy, with its EMA, optimizer, grad scaler, loss, Mixup and lr schedule."""
+    wrapped by the strategy, with its EMA, optimizer, grad scaler, task and lr schedule."""
     t = cfg.trainer
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
@@ -66,8 +65,7 @@ def build_parts(
         ema=WeightEma(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,
         optimizer=build_optimizer(model, cfg.optimizer, device.type),
         scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
-        criterion=train_loss(cfg.aug),
-        mixup=mixup_fn(cfg.aug, cfg.data.num_classes),
+        task=build_task(cfg),
         lr_at=partial(
             cosine_lr,
             base_lr=peak_lr(cfg),

@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 
 from convnext_train import configs
 from convnext_train.data.loaders import EpochSampler, make_loader
-from convnext_train.data.robustness import KINDS, LAYOUTS, class_subset, corruption_folders, robustness_dataset
+from convnext_train.data.robustness import LAYOUTS, class_subset, corruption_folders, robustness_dataset
+from convnext_train.data.sources import source
 from convnext_train.distributed import all_reduce_sum
 from convnext_train.errors import UserError
 from convnext_train.imagenet_c import corruption_errors
@@ -43,7 +44,7 @@ DEFAULT_DIRNAME = "imagenet"
 
 
 def is_robustness_run(cfg: DictConfig) -> bool:
-    return bool(cfg.get("robustness", {}).get("root")) or cfg.data.get("kind") in KINDS
+    return bool(cfg.get("robustness", {}).get("root")) or source(cfg.data.kind).evaluation_only
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Scorer:
 
 def requested_sets(cfg: DictConfig) -> list[tuple[str, DictConfig | None, str]]:
     """(name, data config or None when not found, path) for each set to score."""
-    if cfg.data.get("kind") in KINDS and not cfg.get("robustness", {}).get("root"):
+    if source(cfg.data.kind).evaluation_only and not cfg.get("robustness", {}).get("root"):
         if not cfg.data.root:
             raise UserError(
                 f"data={cfg.data.kind} needs data.root=<the set's folder> ({LAYOUTS[cfg.data.kind]}), "

@@ -24,7 +24,7 @@ from convnext_train import preemption
 from convnext_train.checkpointing import Checkpointer
 from convnext_train.checkpointing.state import EmaState, ModelState, OptimizerState, RngStreams
 from convnext_train.config import validate_train_config
-from convnext_train.data.datasets import build_loaders
+from convnext_train.data.sources import LoaderArgs, build_loaders
 from convnext_train.distributed import (
     Processes,
     device_for,
@@ -35,7 +35,7 @@ from convnext_train.distributed import (
     shutdown,
     wait_for_main,
 )
-from convnext_train.engine import LossWindow, evaluate, optimizer_step
+from convnext_train.engine import LossWindow, optimizer_step
 from convnext_train.errors import UserError
 from convnext_train.metrics import RunLogger
 from convnext_train.models import build_model
@@ -52,8 +52,8 @@ class TrainState:
 
     epoch: int = 0  # the epoch in progress, or the next one to start
     step: int = 0  # optimizer steps taken since the start of training
-    best_top1: float = -1.0
-    best_top1_ema: float = -1.0
+    best: float | None = None  # the task's metric (top-1) at its best so far; None: not evaluated yet
+    best_ema: float | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     train_images: int = 0
@@ -126,7 +126,8 @@ class Run:
             )
 
     def evaluate(self) -> dict[str, float]:
-        """top1, top5, val_loss of the model (and with an `_ema` suffix, of the EMA weights)."""
+        """The task's scores of the model (top1, top5, val_loss), and with an `_ema` suffix of the
+        EMA weights."""
         result = self._scores("")
         if self.parts.ema is not None:
             with self.parts.ema.swapped_into(self.parts.model):
@@ -136,10 +137,10 @@ class Run:
     def _scores(self, suffix: str) -> dict[str, float]:
         # The module itself, not DDP's wrapper: evaluation shards are uneven and DDP's forward
         # would wait for peers. An FSDP forward is collective however: every rank runs as many
-        # batches as the one with the most (see `evaluate`), then the weights go back to shards.
+        # batches as the one with the most (tasks/evaluation.py), then the weights go back to shards.
         p = self.parts
         image_shape = (1, self.cfg.model.in_chans, self.cfg.data.img_size, self.cfg.data.img_size)
-        scores = evaluate(
+        scores = p.task.evaluate(
             p.model,
             self.val_loader,
             device=p.device,
@@ -148,12 +149,10 @@ class Run:
             lockstep_shape=image_shape if is_sharded(p.model) else None,
         )
         reshard(p.model)
-        return {
-            f"top1{suffix}": scores["top1"],
-            f"top5{suffix}": scores["top5"],
-            f"val_loss{suffix}": scores["loss"],
-            "val_images": scores["images"],  # counted over every process's shard
-        }
+        row = {"val_images": scores.pop("images")}  # counted over every process's shard
+        scores.pop("skipped_images", None)
+        # The evaluation's loss is `val_loss` beside the training loss of metrics.jsonl's rows.
+        return row | {f"{'val_loss' if key == 'loss' else key}{suffix}": value for key, value in scores.items()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -230,22 +229,25 @@ def train_epoch(run: Run, epoch: int) -> bool:
 
 
 def evaluate_and_save(run: Run, epoch: int) -> None:
-    cfg, state = run.cfg, run.state
+    cfg, state, task = run.cfg, run.state, run.parts.task
     best = ()
     evaluation_due = (epoch + 1) % cfg.trainer.eval_every_epochs == 0 or epoch + 1 == cfg.trainer.epochs
     if run.val_loader is not None and evaluation_due:
         result = run.evaluate()
         state.last_eval = result
         run.logger.log({"step": state.step, "epoch": epoch + 1, **result})
-        text = f"epoch {epoch + 1}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%"
-        if "top1_ema" in result:
-            text += f"  EMA top-1 {result['top1_ema']:.2f}%"
         if run.processes.is_main:
-            print(text, flush=True)
-        improved = result["top1"] > state.best_top1
-        improved_ema = "top1_ema" in result and result["top1_ema"] > state.best_top1_ema
-        state.best_top1 = max(state.best_top1, result["top1"])
-        state.best_top1_ema = max(state.best_top1_ema, result.get("top1_ema", -1.0))
+            print(f"epoch {epoch + 1}: {task.describe(result)}", flush=True)
+
+        def better(score: float | None, than: float | None) -> bool:
+            return score is not None and (than is None or (score > than if task.higher_is_better else score < than))
+
+        improved, improved_ema = (
+            better(result[task.metric], state.best),
+            better(result.get(f"{task.metric}_ema"), state.best_ema),
+        )
+        state.best = result[task.metric] if improved else state.best
+        state.best_ema = result[f"{task.metric}_ema"] if improved_ema else state.best_ema
         best = ("best",) * improved + ("best_ema",) * improved_ema
     run.save(epoch + 1, best=best)
 
@@ -260,14 +262,12 @@ def stop(run: Run, *, saved: bool) -> dict[str, Any]:
 
 
 def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
-    state = run.state
-    evaluated = bool(state.last_eval)  # best_top1 starts below any score: -1 would read as one
+    state, metric = run.state, run.parts.task.metric
     summary = {
         "epochs": state.epoch,
         "steps": state.step,
-        "top1": state.last_eval.get("top1"),
-        "top5": state.last_eval.get("top5"),
-        "best_top1": state.best_top1 if evaluated else None,
+        **{key: state.last_eval.get(key) for key in run.parts.task.summary_keys},
+        f"best_{metric}": state.best,
         "wall_seconds": wall_seconds,
         "train_seconds": state.train_seconds,
         "images_per_sec": state.train_images / state.train_seconds if state.train_seconds else None,
@@ -275,9 +275,7 @@ def write_summary(run: Run, wall_seconds: float) -> dict[str, Any]:
         "class_names": run.class_names,
     }
     if run.parts.ema is not None:
-        summary.update(
-            top1_ema=state.last_eval.get("top1_ema"), best_top1_ema=state.best_top1_ema if evaluated else None
-        )
+        summary |= {f"{metric}_ema": state.last_eval.get(f"{metric}_ema"), f"best_{metric}_ema": state.best_ema}
     run.logger.write_summary(summary)
     return summary
 
@@ -294,15 +292,8 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
 
     # Rank 0 first: it builds caches (the digits tree) and scans the tree while the others wait.
     with main_process_first(processes):
-        loaders = build_loaders(
-            cfg.data,
-            cfg.aug,
-            seed=t.seed,
-            batch_size=t.micro_batch_size,
-            device=device,
-            rank=processes.rank,
-            world_size=processes.world_size,
-        )
+        args = LoaderArgs(t.seed, t.micro_batch_size, device, processes.rank, processes.world_size)
+        loaders = build_loaders(cfg.data, cfg.aug, args)
     steps_per_epoch = loaders.train_length // t.global_batch_size
     if steps_per_epoch == 0:
         raise UserError(

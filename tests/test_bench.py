@@ -29,9 +29,11 @@ from convnext_train.bench import (
     split_arguments,
 )
 from convnext_train.configs import CONFIG_DIR
-from convnext_train.data.datasets import build_datasets
 from convnext_train.data.loaders import EpochSampler
+from convnext_train.data.sources import source
+from convnext_train.data.synthetic import synthetic_samples
 from convnext_train.errors import USER_ERROR_EXIT_CODE, UserError
+from convnext_train.problems import Problems
 
 # ConvNeXt-atto at 32 px, micro-batch 4, fp32 on the CPU, 2 warm-up and 2 timed steps per round.
 TINY_BENCH = [
@@ -221,7 +223,7 @@ def synthetic_config(**overrides):
 
 def test_synthetic_items_look_like_imagefolder_items():
     data, aug = synthetic_config(img_size=32, train_length=100, val_length=10, num_classes=7)
-    train, val = build_datasets(data, aug, seed=0)
+    train, val = synthetic_samples(data, seed=0)
     assert (len(train), len(val)) == (100, 10)
     sampler = EpochSampler(len(train), seed=0, shuffle=True, drop_last=True)
     images, targets, replaced = next(iter(DataLoader(train, batch_size=8, sampler=sampler)))
@@ -229,17 +231,21 @@ def test_synthetic_items_look_like_imagefolder_items():
     assert targets.dtype == torch.int64 and 0 <= targets.min() and targets.max() < 7
     assert replaced.dtype == torch.bool and not replaced.any()
     # Fixed images: the same key gives the same item in every epoch and every build.
-    again, _ = build_datasets(data, aug, seed=0)
+    again, _ = synthetic_samples(data, seed=0)
     assert torch.equal(train[(0, 5)][0], again[(3, 5)][0])
     assert not torch.equal(train[(0, 0)][0], val[(0, 0)][0])
 
 
 def test_synthetic_lengths_are_checked():
-    data, aug = synthetic_config(train_length=0)
-    with pytest.raises(UserError, match="data.train_length=0"):
-        build_datasets(data, aug, seed=0)
-    data, aug = synthetic_config(val_length=None)
-    assert build_datasets(data, aug, seed=0)[1] is None
+    data, _ = synthetic_config(train_length=0, val_length=-1)
+    problems = Problems(OmegaConf.create({"data": data}))
+    source("synthetic").check(data, problems)
+    with pytest.raises(
+        UserError, match=r"data.train_length=0: .*; data.val_length=-1: must be a positive integer or null"
+    ):
+        problems.raise_if_any()
+    data, _ = synthetic_config(val_length=None)
+    assert synthetic_samples(data, seed=0)[1] is None
 
 
 def test_train_py_runs_on_synthetic_data(tmp_path):

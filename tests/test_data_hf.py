@@ -35,9 +35,9 @@ from test_train import TINY_RUN, assert_user_error, load, read_jsonl, relative_d
 from torchvision.datasets import ImageFolder
 
 from convnext_train.configs import CONFIG_DIR
-from convnext_train.data.datasets import build_loaders, build_val_loader
-from convnext_train.data.hf import hf_datasets
+from convnext_train.data.hf import hf_samples
 from convnext_train.data.imagefolder import UnreadableImageError
+from convnext_train.data.sources import LoaderArgs, build_loaders, build_val_loader
 from convnext_train.errors import UserError
 
 CPU = torch.device("cpu")
@@ -120,12 +120,14 @@ def passes(loaders, epoch: int = 1, start: int = 0) -> tuple[list, list]:
 @pytest.fixture(scope="module")
 def imagefolder_batches(tiny_imagefolder):
     """Epoch 1 of the reference path under the full recipe (RandAugment, erasing), and its validation."""
-    return passes(build_loaders(imagefolder_data(tiny_imagefolder), aug_config(), seed=3, batch_size=16, device=CPU))
+    return passes(
+        build_loaders(imagefolder_data(tiny_imagefolder), aug_config(), LoaderArgs(seed=3, batch_size=16, device=CPU))
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_layout_yields_the_imagefolder_paths_batches_bit_for_bit(layout, layouts, imagefolder_batches):
-    loaders = build_loaders(hf_data(layouts[layout]), aug_config(), seed=3, batch_size=16, device=CPU)
+    loaders = build_loaders(hf_data(layouts[layout]), aug_config(), LoaderArgs(seed=3, batch_size=16, device=CPU))
     assert loaders.train_length == 64
     train, val = passes(loaders)
     reference_train, reference_val = imagefolder_batches
@@ -141,8 +143,10 @@ def test_each_layout_yields_the_imagefolder_paths_batches_bit_for_bit(layout, la
 
 
 def test_eval_pys_loader_reads_the_validation_split_as_the_imagefolder_path_does(layouts, tiny_imagefolder):
-    hf = build_val_loader(hf_data(layouts["hub parquet"]), 0.875, batch_size=10, device=CPU)
-    reference = build_val_loader(imagefolder_data(tiny_imagefolder), 0.875, batch_size=10, device=CPU)
+    hf = build_val_loader(hf_data(layouts["hub parquet"]), 0.875, LoaderArgs(seed=0, batch_size=10, device=CPU))
+    reference = build_val_loader(
+        imagefolder_data(tiny_imagefolder), 0.875, LoaderArgs(seed=0, batch_size=10, device=CPU)
+    )
     batches = list(zip(hf, reference, strict=True))
     assert sum(len(a[0]) for a, _ in batches) == 16
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in batches)
@@ -152,7 +156,7 @@ def test_eval_pys_loader_reads_the_validation_split_as_the_imagefolder_path_does
 # Errors: one line each
 # --------------------------------------------------------------------------------------------------
 def build(root: Path | str, **overrides):
-    return hf_datasets(hf_data(root, **overrides), aug_config("none"), seed=0)
+    return hf_samples(hf_data(root, **overrides), aug_config("none"), seed=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

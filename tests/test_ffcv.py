@@ -50,11 +50,11 @@ import write_ffcv  # noqa: E402
 
 skip_module_without_ffcv()
 
-from convnext_train.data.datasets import build_loaders, build_val_loader  # noqa: E402
 from convnext_train.data.ffcv import ffcv_loaders, image_key, random_crop  # noqa: E402
 from convnext_train.data.loaders import EpochSampler  # noqa: E402
-from convnext_train.engine import evaluate  # noqa: E402
+from convnext_train.data.sources import LoaderArgs, build_loaders, build_val_loader  # noqa: E402
 from convnext_train.errors import UserError  # noqa: E402
+from convnext_train.tasks.classification import evaluate  # noqa: E402
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
@@ -293,7 +293,7 @@ def test_an_interrupted_write_leaves_no_complete_looking_file(photos, tmp_path):
     writer.wait()
     assert not (out / "val.beton").exists() and not (out / "val.beton.json").exists()
     with pytest.raises(UserError, match="val.beton not found"):
-        build_val_loader(ffcv_data(out, num_classes=4), 0.875, batch_size=8, device=CPU)
+        build_val_loader(ffcv_data(out, num_classes=4), 0.875, LoaderArgs(seed=0, batch_size=8, device=CPU))
 
     write(photos, out, "--splits", "val")  # the rerun completes and clears the dead writer's file
     assert read_beton(out / "val.beton")["num_samples"] == 400
@@ -305,7 +305,7 @@ def test_an_interrupted_write_leaves_no_complete_looking_file(photos, tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_a_missing_or_foreign_beton_is_one_clear_line(photos, tmp_path):
     with pytest.raises(UserError, match=r"train.beton not found: .*python data/write_ffcv.py <imagefolder_root>"):
-        ffcv_loaders(ffcv_data(tmp_path, num_classes=4), aug_config(), seed=0, batch_size=8, device=CPU)
+        ffcv_loaders(ffcv_data(tmp_path, num_classes=4), aug_config(), LoaderArgs(seed=0, batch_size=8, device=CPU))
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
@@ -315,14 +315,26 @@ def test_a_missing_or_foreign_beton_is_one_clear_line(photos, tmp_path):
         [(i,) for i in range(4)]
     )
     with pytest.raises(UserError, match=r"has the fields \{'x': 'IntField'\}, not the layout data=ffcv reads"):
-        ffcv_loaders(ffcv_data(foreign, num_classes=4, val_split=None), aug_config(), seed=0, batch_size=8, device=CPU)
+        ffcv_loaders(
+            ffcv_data(foreign, num_classes=4, val_split=None),
+            aug_config(),
+            LoaderArgs(seed=0, batch_size=8, device=CPU),
+        )
     (foreign / "train.beton").write_bytes(b"not a beton at all" * 100)
     with pytest.raises(UserError, match="is not a readable FFCV .beton file"):
-        ffcv_loaders(ffcv_data(foreign, num_classes=4, val_split=None), aug_config(), seed=0, batch_size=8, device=CPU)
+        ffcv_loaders(
+            ffcv_data(foreign, num_classes=4, val_split=None),
+            aug_config(),
+            LoaderArgs(seed=0, batch_size=8, device=CPU),
+        )
     with pytest.raises(UserError, match=r"labels 0..3 but data.num_classes=3"):
-        ffcv_loaders(ffcv_data(photos / "ffcv", num_classes=3), aug_config(), seed=0, batch_size=8, device=CPU)
+        ffcv_loaders(
+            ffcv_data(photos / "ffcv", num_classes=3), aug_config(), LoaderArgs(seed=0, batch_size=8, device=CPU)
+        )
     with pytest.raises(UserError, match=r"train.beton was written from 4 class folders but data.num_classes=5"):
-        ffcv_loaders(ffcv_data(photos / "ffcv", num_classes=5), aug_config(), seed=0, batch_size=8, device=CPU)
+        ffcv_loaders(
+            ffcv_data(photos / "ffcv", num_classes=5), aug_config(), LoaderArgs(seed=0, batch_size=8, device=CPU)
+        )
 
 
 def test_train_py_without_ffcv_says_how_to_install_it(tmp_path):
@@ -354,14 +366,15 @@ def two_ranks(photos):
     """Rank 0 and rank 1 of two processes over the 160 training and 400 validation photos."""
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=1)
     return [
-        ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU, rank=r, world_size=2) for r in (0, 1)
+        ffcv_loaders(data, aug_config(), LoaderArgs(seed=3, batch_size=BATCH, device=CPU, rank=r, world_size=2))
+        for r in (0, 1)
     ]
 
 
 @pytest.fixture(scope="module")
 def one_rank(photos):
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=1)
-    return ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU)
+    return ffcv_loaders(data, aug_config(), LoaderArgs(seed=3, batch_size=BATCH, device=CPU))
 
 
 @pytest.mark.slow
@@ -405,7 +418,8 @@ def test_validation_shards_count_every_image_once(photos, two_ranks, one_rank):
     assert whole == list(range(400))
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=1)
     odd = [
-        ffcv_loaders(data, aug_config(), seed=0, batch_size=BATCH, device=CPU, rank=r, world_size=3) for r in (0, 1, 2)
+        ffcv_loaders(data, aug_config(), LoaderArgs(seed=0, batch_size=BATCH, device=CPU, rank=r, world_size=3))
+        for r in (0, 1, 2)
     ]
     shards = [[i for batch in loaders.val.batches_with_indices() for i in batch[3].tolist()] for loaders in odd]
     assert [len(s) for s in shards] == [134, 133, 133]  # 400 over 3: uneven, no padding
@@ -416,7 +430,9 @@ def test_validation_shards_count_every_image_once(photos, two_ranks, one_rank):
 def test_quasi_random_order_is_a_seeded_permutation_shared_out_like_the_random_one(photos):
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=1, order="quasi_random", os_cache=False)
     aug = aug_config("none")  # the order is what is tested: the cheapest pixels
-    ranks = [ffcv_loaders(data, aug, seed=5, batch_size=BATCH, device=CPU, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        ffcv_loaders(data, aug, LoaderArgs(seed=5, batch_size=BATCH, device=CPU, rank=r, world_size=2)) for r in (0, 1)
+    ]
     epoch0 = [indices_of(epoch_batches(loaders, 0)) for loaders in ranks]
     assert sorted(epoch0[0] + epoch0[1]) == list(range(160))
     assert epoch0[0] == indices_of(epoch_batches(ranks[0], 0))  # the same (seed, epoch): the same order
@@ -427,7 +443,7 @@ def test_quasi_random_order_is_a_seeded_permutation_shared_out_like_the_random_o
 @pytest.mark.slow
 def test_pixels_do_not_depend_on_the_number_of_decoding_threads(photos, one_rank):
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=32, num_workers=2)
-    two_threads = ffcv_loaders(data, aug_config(), seed=3, batch_size=BATCH, device=CPU)
+    two_threads = ffcv_loaders(data, aug_config(), LoaderArgs(seed=3, batch_size=BATCH, device=CPU))
     for (a, ta, _, ia), (b, tb, _, ib) in zip(epoch_batches(one_rank, 4), epoch_batches(two_threads, 4), strict=True):
         assert np.array_equal(ia, ib) and torch.equal(ta, tb) and torch.equal(a, b)
 
@@ -503,12 +519,12 @@ def test_crop_and_flip_statistics_match_the_imagefolder_path(coordinates):
         "ffcv": ffcv_loaders(
             ffcv_data(coordinates / "ffcv", num_classes=1, img_size=COORD_OUT, num_workers=1),
             aug,
-            seed=0,
-            batch_size=32,
-            device=CPU,
+            LoaderArgs(seed=0, batch_size=32, device=CPU),
         ),
         "imagefolder": build_loaders(
-            imagefolder_data(coordinates, num_classes=1, img_size=COORD_OUT), aug, seed=0, batch_size=32, device=CPU
+            imagefolder_data(coordinates, num_classes=1, img_size=COORD_OUT),
+            aug,
+            LoaderArgs(seed=0, batch_size=32, device=CPU),
         ),
     }
     geometry = {}
@@ -536,9 +552,11 @@ def test_the_decoders_rand_augment_is_the_standalone_one_bit_for_bit(photos, tmp
     in the same process, the standalone kernels too), before the decoder was compiled without it."""
     data = ffcv_data(photos / "ffcv", num_classes=4, img_size=64, num_workers=2)
     recipe = aug_config(reprob=0.0, mixup=0.0, cutmix=0.0)
-    with_rand_augment = ffcv_loaders(data, recipe, seed=5, batch_size=BATCH, device=CPU).train.batches_with_indices()
+    with_rand_augment = ffcv_loaders(
+        data, recipe, LoaderArgs(seed=5, batch_size=BATCH, device=CPU)
+    ).train.batches_with_indices()
     crops_only = ffcv_loaders(
-        data, aug_config(**GEOMETRY_ONLY), seed=5, batch_size=BATCH, device=CPU
+        data, aug_config(**GEOMETRY_ONLY), LoaderArgs(seed=5, batch_size=BATCH, device=CPU)
     ).train.batches_with_indices()
     augmented, plain, indices = [], [], []
     for (images, *_, index), (crops, *_, same_index), _ in zip(with_rand_augment, crops_only, range(6), strict=False):
@@ -596,15 +614,19 @@ def test_batches_under_the_full_recipe_have_the_imagefolder_paths_statistics(pho
     recipe = aug_config(mixup=0.0, cutmix=0.0)  # Mixup/CutMix is the training step's, on both paths
     ffcv_cfg = ffcv_data(photos / "ffcv", num_classes=4, img_size=48, num_workers=1)
     with torch_threads(1):
-        ffcv = recipe_statistics(ffcv_loaders(ffcv_cfg, recipe, seed=0, batch_size=32, device=CPU), epochs=3)
+        ffcv = recipe_statistics(
+            ffcv_loaders(ffcv_cfg, recipe, LoaderArgs(seed=0, batch_size=32, device=CPU)), epochs=3
+        )
         reference = recipe_statistics(
             build_loaders(
-                imagefolder_data(photos, num_classes=4, img_size=48), recipe, seed=0, batch_size=32, device=CPU
+                imagefolder_data(photos, num_classes=4, img_size=48),
+                recipe,
+                LoaderArgs(seed=0, batch_size=32, device=CPU),
             ),
             epochs=3,
         )
         plain = recipe_statistics(
-            ffcv_loaders(ffcv_cfg, aug_config(**GEOMETRY_ONLY), seed=0, batch_size=32, device=CPU), epochs=3
+            ffcv_loaders(ffcv_cfg, aug_config(**GEOMETRY_ONLY), LoaderArgs(seed=0, batch_size=32, device=CPU)), epochs=3
         )
     assert len(ffcv) == len(reference) == 480
     for k, name in enumerate(["mean", "gradient"]):
@@ -628,7 +650,9 @@ def test_a_fixed_model_scores_the_same_top1_on_both_paths(photos):
         # A tiny model, fitted on the spot: a linear classifier of the image's 8 x 8 grid of mean
         # colours, so what it predicts depends on where the crop is as well as on the colours.
         train = build_val_loader(
-            OmegaConf.merge(reference_data, {"val_split": "train"}), 0.875, batch_size=80, device=CPU
+            OmegaConf.merge(reference_data, {"val_split": "train"}),
+            0.875,
+            LoaderArgs(seed=0, batch_size=80, device=CPU),
         )
         images, targets = map(torch.cat, zip(*[(b[0], b[1]) for b in train], strict=True))
         model = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(192, 4))
@@ -640,8 +664,8 @@ def test_a_fixed_model_scores_the_same_top1_on_both_paths(photos):
             nn.functional.cross_entropy(model[2](features), targets).backward()
             optimizer.step()
         settings = dict(device=CPU, autocast=contextlib.nullcontext, memory_format=torch.contiguous_format)
-        reference_loader = build_val_loader(reference_data, 0.875, batch_size=50, device=CPU)
-        ffcv_loader = build_val_loader(ffcv_cfg, 0.875, batch_size=50, device=CPU)
+        reference_loader = build_val_loader(reference_data, 0.875, LoaderArgs(seed=0, batch_size=50, device=CPU))
+        ffcv_loader = build_val_loader(ffcv_cfg, 0.875, LoaderArgs(seed=0, batch_size=50, device=CPU))
         reference, ffcv = evaluate(model, reference_loader, **settings), evaluate(model, ffcv_loader, **settings)
         assert reference["images"] == ffcv["images"] == 400
         assert 30 < reference["top1"] < 95  # neither always right nor always wrong: the test can fail

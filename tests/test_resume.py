@@ -236,11 +236,6 @@ def test_a_resume_that_changes_the_recipe_is_refused_naming_each_key_then_allowe
     assert records(run_dir) == before
 
 
-def test_settings_that_moved_are_named_with_their_new_key(tiny_imagefolder, tmp_path):
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, tmp_path / "run"), "trainer.keep_last=5")
-    assert_user_error(result, "trainer.keep_last is now checkpoint.keep_last", "checkpoint.keep_last=5")
-
-
 # --------------------------------------------------------------------------------------------------
 # Out of disk
 # --------------------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from convnext_train.configs import CONFIG_DIR
 sys.path.insert(0, str(REPO / "data"))  # data/ is a folder of scripts, not a package
 import write_wds  # noqa: E402
 
-from convnext_train.data.datasets import build_loaders, build_val_loader  # noqa: E402
 from convnext_train.data.imagefolder import ImageFolderDataset  # noqa: E402
+from convnext_train.data.sources import LoaderArgs, build_loaders, build_val_loader  # noqa: E402
 from convnext_train.data.transforms import eval_transform  # noqa: E402
-from convnext_train.engine import evaluate  # noqa: E402
 from convnext_train.errors import UserError  # noqa: E402
+from convnext_train.tasks.classification import evaluate  # noqa: E402
 
 CPU = torch.device("cpu")
 SIZE = 32  # img_size; the files are 40 px
@@ -49,9 +49,10 @@ def wds_data(root: Path, **overrides):
 
 def loaders(root: Path, aug: str = "none", *, seed: int = 3, rank: int = 0, world_size: int = 1, **overrides):
     return build_loaders(
-        wds_data(root, **overrides), aug_config(aug), seed=seed, batch_size=BATCH, device=CPU, rank=rank,
-        world_size=world_size,
-    )  # fmt: skip
+        wds_data(root, **overrides),
+        aug_config(aug),
+        LoaderArgs(seed=seed, batch_size=BATCH, device=CPU, rank=rank, world_size=world_size),
+    )
 
 
 def fingerprint(image: torch.Tensor) -> str:
@@ -167,7 +168,9 @@ def test_validation_counts_every_image_once(shards, reference, world_size):
     seen = []
     for rank in range(world_size):
         val = build_loaders(
-            wds_data(shards), aug_config("none"), seed=0, batch_size=3, device=CPU, rank=rank, world_size=world_size
+            wds_data(shards),
+            aug_config("none"),
+            LoaderArgs(seed=0, batch_size=3, device=CPU, rank=rank, world_size=world_size),
         ).val
         batches = list(val)
         assert len(val) == len(batches)  # what evaluation's lockstep under FSDP counts on
@@ -196,7 +199,7 @@ def test_a_fixed_model_scores_the_same_with_eval_py_on_shards_as_on_the_imagefol
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    loader = build_val_loader(imagefolder, 0.875, batch_size=100, device=CPU)
+    loader = build_val_loader(imagefolder, 0.875, LoaderArgs(seed=0, batch_size=100, device=CPU))
     with torch.no_grad():
         model = model.to(memory_format=torch.channels_last)  # as eval.py runs it
         expected = evaluate(model, loader, device=CPU, autocast=nullcontext, memory_format=torch.channels_last)
@@ -209,13 +212,12 @@ TORCHRUN_SCRIPT = """
 import hashlib, json, sys
 import torch, torch.distributed as dist
 from omegaconf import OmegaConf
-from convnext_train.data.datasets import build_loaders
+from convnext_train.data.sources import LoaderArgs, build_loaders
 
 dist.init_process_group("gloo")
 data = OmegaConf.merge(OmegaConf.load("convnext_train/conf/data/wds.yaml"),
                        dict(root=sys.argv[1], num_classes=4, img_size=32, num_workers=2, pin_memory=False))
-loaders = build_loaders(data, OmegaConf.load("convnext_train/conf/aug/none.yaml"), seed=7, batch_size=4, device=torch.device("cpu"),
-                        rank=dist.get_rank(), world_size=dist.get_world_size())
+loaders = build_loaders(data, OmegaConf.load("convnext_train/conf/aug/none.yaml"), LoaderArgs(seed=7, batch_size=4, device=torch.device("cpu"), rank=dist.get_rank(), world_size=dist.get_world_size()))
 seen = []
 for epoch in (0, 1):
     loaders.start_at(epoch, 0)
@@ -320,8 +322,8 @@ def test_writer_skips_unreadable_images_when_asked_and_counts_them(tmp_path, cap
     index = json.loads((out / "train.json").read_text())
     assert index["images"] == 11 and index["skipped"] == [str(broken)]
     train = build_loaders(
-        wds_data(out, num_classes=2), aug_config("none"), seed=0, batch_size=1, device=CPU
-    ).train  # fmt: skip
+        wds_data(out, num_classes=2), aug_config("none"), LoaderArgs(seed=0, batch_size=1, device=CPU)
+    ).train
     assert len(list(train)) == 11
 
 

@@ -16,10 +16,6 @@ from typing import Any
 
 from convnext_train.errors import UserError
 
-# Keys that older versions of this code saved in the config and that moved since; a checkpoint
-# written by them resumes as if the keys were not there.
-LEGACY_KEYS = ("trainer.checkpoint_every_minutes", "trainer.keep_last")
-
 
 class RecipeChanged(UserError):
     pass
@@ -51,7 +47,6 @@ def _covered(key: str, names: Iterable[str]) -> bool:
 
 def recipe_changes(saved: Mapping[str, Any], current: Mapping[str, Any], ignored: Iterable[str]) -> dict[str, tuple]:
     """{key: (checkpoint's value, current value)} for every recipe key that differs."""
-    ignored = (*ignored, *LEGACY_KEYS)
     before, now = flatten(saved), flatten(current)
     changes = {}
     for key in sorted(before.keys() | now.keys()):

@@ -13,13 +13,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from convnext_train.data.imagefolder import ROOT_HINT, imagefolder_loaders, imagefolder_val_loader
+from convnext_train.data.sources import LoaderArgs, Source
 from convnext_train.errors import UserError
 
-__all__ = ["COMPLETE_MARKER", "write_digits_imagefolder"]
+__all__ = ["COMPLETE_MARKER", "SOURCES", "write_digits_imagefolder"]
 
 # Written last, inside the finished tree: its presence means the tree is complete, and its content
 # records the parameters the tree was written with.
@@ -77,3 +80,26 @@ def write_digits_imagefolder(root: Path, img_size: int = 32, val_fraction: float
 def _digit_image(pixels: np.ndarray, img_size: int) -> Image.Image:
     grey = np.rint(pixels * (255 / _DIGITS_MAX_VALUE)).astype(np.uint8)
     return Image.fromarray(grey).resize((img_size, img_size), Image.Resampling.BICUBIC)
+
+
+# The source: the tree is written on first use (the trainer builds the loaders on rank 0 first), then
+# read as any ImageFolder tree. The held-out split is part of the dataset, not of the run: it does not
+# follow trainer.seed.
+def _loaders(data_cfg: DictConfig, aug_cfg: DictConfig, args: LoaderArgs):
+    write_digits_imagefolder(Path(data_cfg.root), img_size=data_cfg.img_size)
+    return imagefolder_loaders(data_cfg, aug_cfg, args)
+
+
+def _val_loader(data_cfg: DictConfig, crop_pct: float, args: LoaderArgs):
+    write_digits_imagefolder(Path(data_cfg.root), img_size=data_cfg.img_size)
+    return imagefolder_val_loader(data_cfg, crop_pct, args)
+
+
+SOURCES = {
+    "digits": Source(
+        loaders=_loaders,
+        val_loader=_val_loader,
+        root_hint=f"where the digits tree is written on first use; read as {ROOT_HINT}",
+        real_images=False,  # the bundled demo: small on purpose
+    )
+}

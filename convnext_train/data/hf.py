@@ -31,7 +31,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from convnext_train.data.imagefolder import DECODE_ERRORS, Sample, UnreadableImageError
-from convnext_train.data.loaders import SeededSamples
+from convnext_train.data.loaders import SeededSamples, seeded_loaders, seeded_val_loader
+from convnext_train.data.sources import LoaderArgs, Source
 from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.errors import UserError
 
@@ -44,8 +45,8 @@ LAYOUT_HELP = (
 SHARD_NAME = re.compile(r"(\w+(?:\.\w+)*)(?:-.*)?\.parquet")
 
 
-def hf_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples | None]:
-    """(train, val) for build_datasets; val is None when `data.val_split` is null."""
+def hf_samples(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples | None]:
+    """(train, val) with the recipe's transforms; val is None when `data.val_split` is null."""
     splits = [data_cfg.train_split] + ([] if data_cfg.val_split is None else [data_cfg.val_split])
     images = [HFImages(table, data_cfg, split) for split, table in open_splits(data_cfg.root, splits).items()]
     train = SeededSamples(images[0], train_transform(aug_cfg, data_cfg.img_size), seed)
@@ -60,10 +61,27 @@ def hf_datasets(data_cfg: DictConfig, aug_cfg: DictConfig, *, seed: int) -> tupl
     return train, SeededSamples(images[1], eval_transform(data_cfg.img_size, aug_cfg.crop_pct), seed)
 
 
-def hf_val_dataset(data_cfg: DictConfig, crop_pct: float) -> SeededSamples:
+def _loaders(data_cfg: DictConfig, aug_cfg: DictConfig, args: LoaderArgs):
+    train, val = hf_samples(data_cfg, aug_cfg, seed=args.seed)
+    return seeded_loaders(train, val, data_cfg.num_workers, args, pin_memory=data_cfg.pin_memory)
+
+
+def _val_loader(data_cfg: DictConfig, crop_pct: float, args: LoaderArgs):
     """The validation split alone, with the official eval transform (for eval.py)."""
     (table,) = open_splits(data_cfg.root, [data_cfg.val_split]).values()
-    return SeededSamples(HFImages(table, data_cfg, data_cfg.val_split), eval_transform(data_cfg.img_size, crop_pct), 0)
+    images = HFImages(table, data_cfg, data_cfg.val_split)
+    return seeded_val_loader(
+        SeededSamples(images, eval_transform(data_cfg.img_size, crop_pct), 0), data_cfg.num_workers, args
+    )
+
+
+SOURCES = {
+    "hf": Source(
+        loaders=_loaders,
+        val_loader=_val_loader,
+        root_hint="a save_to_disk directory, or parquet shards <root>/data/<split>-*.parquet",
+    )
+}
 
 
 # --------------------------------------------------------------------------------------------------

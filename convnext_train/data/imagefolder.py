@@ -1,8 +1,12 @@
-"""ImageFolder datasets (`<root>/<split>/<class>/<image>`) whose failures read as instructions.
+"""`data=imagefolder` (and `data=imagenet`): ImageFolder trees (`<root>/<split>/<class>/<image>`)
+whose failures read as instructions.
 
 A missing or empty split, a train/val class mismatch and an unreadable image raise `UserError`s
 that say what was expected. With `skip_corrupt`, an unreadable image is replaced by the next
-readable one and the sample says so (see `Sample.replaced`).
+readable one and the sample says so (see `Sample.replaced`). The images are decoded here and
+transformed inside `SeededSamples`, under RNGs seeded per (epoch, sample): what makes a resumed run
+bitwise equal. `data.num_classes: null` is the number of class folders, counted before the model is
+built.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
+from convnext_train.data.loaders import SeededSamples, seeded_loaders, seeded_val_loader
+from convnext_train.data.sources import LoaderArgs, Source
+from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.errors import UserError
 
 __all__ = [
@@ -188,3 +196,66 @@ def _excerpt(names: list[str], shown: int = 10) -> str:
         return "none"
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+# --------------------------------------------------------------------------------------------------
+# The source
+# --------------------------------------------------------------------------------------------------
+ROOT_HINT = "the ImageFolder root, <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
+
+
+def imagefolder_samples(
+    root: str | Path, data_cfg: DictConfig, aug_cfg: DictConfig, seed: int
+) -> tuple[SeededSamples, SeededSamples | None]:
+    """(train, val) of the tree at `root` with the recipe's transforms; val is None when
+    `data.val_split` is null (ImageNet-22K pre-training has none)."""
+    train_aug = train_transform(aug_cfg, data_cfg.img_size)
+    if data_cfg.val_split is None:
+        train = ImageFolderDataset(root, data_cfg.train_split, transform=None, skip_corrupt=data_cfg.skip_corrupt)
+        check_class_count(train, data_cfg.num_classes)
+        return SeededSamples(train, train_aug, seed), None
+    train, val = train_and_val_datasets(
+        root,
+        data_cfg.train_split,
+        data_cfg.val_split,
+        train_transform=None,
+        val_transform=None,
+        num_classes=data_cfg.num_classes,
+        skip_corrupt=data_cfg.skip_corrupt,
+    )
+    return SeededSamples(train, train_aug, seed), SeededSamples(
+        val, eval_transform(data_cfg.img_size, aug_cfg.crop_pct), seed
+    )
+
+
+def imagefolder_loaders(data_cfg: DictConfig, aug_cfg: DictConfig, args: LoaderArgs):
+    train, val = imagefolder_samples(data_cfg.root, data_cfg, aug_cfg, args.seed)
+    return seeded_loaders(train, val, data_cfg.num_workers, args, pin_memory=data_cfg.pin_memory)
+
+
+def imagefolder_val_loader(data_cfg: DictConfig, crop_pct: float, args: LoaderArgs):
+    images = ImageFolderDataset(data_cfg.root, data_cfg.val_split, transform=None, skip_corrupt=data_cfg.skip_corrupt)
+    check_class_count(images, data_cfg.num_classes)
+    samples = SeededSamples(images, eval_transform(data_cfg.img_size, crop_pct), seed=0)
+    return seeded_val_loader(samples, data_cfg.num_workers, args)
+
+
+def count_class_folders(data_cfg: DictConfig, split_key: str) -> None:
+    """`data.num_classes: null`: the number of class folders of the split the run reads, set before
+    anything reads it (model.num_classes interpolates it; the recipe check on resume and the
+    checkpoint's config see the number). Without a data.root yet, the config check asks for one."""
+    if OmegaConf.is_missing(data_cfg, "num_classes") or data_cfg.num_classes is not None:
+        return
+    if OmegaConf.is_missing(data_cfg, "root") or data_cfg.root is None or data_cfg[split_key] is None:
+        return
+    data_cfg.num_classes = len(class_folders(data_cfg.root, data_cfg[split_key]))
+
+
+SOURCES = {
+    "imagefolder": Source(
+        loaders=imagefolder_loaders,
+        val_loader=imagefolder_val_loader,
+        root_hint=ROOT_HINT,
+        fill_from_data=count_class_folders,
+    )
+}

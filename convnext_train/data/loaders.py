@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -110,6 +111,43 @@ class SeededSamples(Dataset):
         image, target, replaced = self.images[index]
         with seeded_rngs(sample_seed(self.seed, epoch, index)):
             return self.transform(image), target, replaced
+
+
+def seeded_loaders(
+    train: SeededSamples, val: SeededSamples | None, num_workers: int, args, *, pin_memory: bool = True
+) -> Loaders:
+    """The loaders of a source whose items are `SeededSamples` (ImageFolder trees, Hugging Face
+    datasets, synthetic images): each epoch's order is a permutation seeded by (seed, epoch); process
+    r takes every world_size-th image from position r, so the global order is the same whatever the
+    number of processes. `args`: the `sources.LoaderArgs` of this process."""
+    loader = partial(
+        make_loader, batch_size=args.batch_size, num_workers=num_workers, pin_memory=pin_memory and args.pin_memory
+    )
+    shard = {"seed": args.seed, "rank": args.rank, "world_size": args.world_size}
+    train_sampler = EpochSampler(len(train), shuffle=True, drop_last=True, **shard)
+    val_loader = None
+    if val is not None:
+        val_loader = loader(val, EpochSampler(len(val), shuffle=False, drop_last=False, **shard), drop_last=False)
+    return Loaders(
+        train=loader(train, train_sampler, drop_last=True),
+        train_length=len(train),
+        start_at=train_sampler.set_position,
+        val=val_loader,
+        class_names=getattr(train.images, "classes", None),  # ImageFolder's (and hf's ClassLabel names)
+    )
+
+
+def seeded_val_loader(samples: SeededSamples, num_workers: int, args) -> DataLoader:
+    """Every image of `samples` once, in order, in one process (eval.py)."""
+    sampler = EpochSampler(len(samples), seed=0, shuffle=False, drop_last=False)
+    return make_loader(
+        samples,
+        sampler,
+        batch_size=args.batch_size,
+        num_workers=num_workers,
+        pin_memory=args.pin_memory,
+        drop_last=False,
+    )
 
 
 def make_loader(

@@ -35,6 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from convnext_train.data.imagefolder import UnreadableImageError, load_image
 from convnext_train.data.loaders import SeededSamples
+from convnext_train.data.sources import Source
 from convnext_train.data.transforms import eval_transform
 from convnext_train.errors import UserError
 
@@ -150,23 +151,41 @@ def robustness_dataset(
     """One set (for imagenet_c: one corruption at one severity) with the official eval transform."""
     kind = data_cfg.kind
     root = Path(data_cfg.root)
+    if kind not in _READERS:
+        raise UserError(f"data.kind={kind}: not a robustness set (one of {', '.join(KINDS)})")
     if not root.is_dir():
         raise UserError(f"data.root={root} (data={kind}) is not a directory; expected {LAYOUTS[kind]}")
-    if kind == "imagenet_v2":
-        images = LabelSets(_v2_samples(root), data_cfg.skip_corrupt)
-    elif kind == "imagenet_real":
-        samples, excluded = _real_samples(root / data_cfg.val_split, data_cfg.get("real_labels"))
-        images = LabelSets(samples, data_cfg.skip_corrupt, excluded)
-    elif kind == "imagenet_c":
-        folder = root / corruption / str(severity)
-        images = LabelSets(_wnid_samples(folder, kind, _allowed_wnids(kind)), data_cfg.skip_corrupt)
-    elif kind == "imagefolder":  # the clean ImageNet validation set of the robustness table
-        images = LabelSets(_wnid_samples(root / data_cfg.val_split, kind, _allowed_wnids(kind)), data_cfg.skip_corrupt)
-    elif kind in KINDS:
-        images = LabelSets(_wnid_samples(root, kind, _allowed_wnids(kind)), data_cfg.skip_corrupt)
-    else:
-        raise UserError(f"data.kind={kind}: not a robustness set (one of {', '.join(KINDS)})")
-    return SeededSamples(images, eval_transform(data_cfg.img_size, crop_pct), seed=0)
+    if corruption is not None:  # ImageNet-C: one corruption's severity is a tree of its own
+        root = root / corruption / str(severity)
+    samples, excluded = _READERS[kind](root, data_cfg)
+    return SeededSamples(
+        LabelSets(samples, data_cfg.skip_corrupt, excluded), eval_transform(data_cfg.img_size, crop_pct), seed=0
+    )
+
+
+def _in_wnid_folders(kind: str, split_key: str | None = None):
+    """A reader of `<root>[/<split>]/<wnid>/*` trees: the images of the set's WordNet ids."""
+
+    def read(root: Path, data_cfg: DictConfig) -> tuple[list, int]:
+        folder = root / data_cfg[split_key] if split_key else root
+        return _wnid_samples(folder, kind, _allowed_wnids(kind)), 0
+
+    return read
+
+
+# How each set's layout is read: (samples, images left out). `imagefolder` is the clean ImageNet
+# validation set of the robustness table.
+_READERS = {
+    "imagefolder": _in_wnid_folders("imagefolder", "val_split"),
+    "imagenet_v2": lambda root, _data_cfg: (_v2_samples(root), 0),
+    "imagenet_real": lambda root, data_cfg: _real_samples(root / data_cfg.val_split, data_cfg.get("real_labels")),
+    "imagenet_a": _in_wnid_folders("imagenet_a"),
+    "imagenet_r": _in_wnid_folders("imagenet_r"),
+    "imagenet_sketch": _in_wnid_folders("imagenet_sketch"),
+    "imagenet_c": _in_wnid_folders("imagenet_c"),
+}
+
+SOURCES = {kind: Source(root_hint=f"the set's folder, {LAYOUTS[kind]}") for kind in KINDS}
 
 
 def corruption_folders(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:

@@ -15,10 +15,12 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from convnext_train.data.imagefolder import Sample
-from convnext_train.data.loaders import SeededSamples
+from convnext_train.data.loaders import SeededSamples, seeded_loaders, seeded_val_loader
+from convnext_train.data.sources import LoaderArgs, Source
 from convnext_train.errors import UserError
+from convnext_train.problems import Problems, positive_int
 
-__all__ = ["SyntheticImages", "synthetic_datasets"]
+__all__ = ["SOURCES", "SyntheticImages", "synthetic_samples"]
 
 # Enough distinct images that no batch is made of one repeated tensor, few enough to cost next to
 # nothing: 64 images at 224 px are 39 MB per split, shared by the loader's forked workers.
@@ -49,14 +51,8 @@ class SyntheticImages(Dataset):
         return Sample(self.images[slot], self.targets[slot], replaced=False)
 
 
-def synthetic_datasets(data_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples | None]:
+def synthetic_samples(data_cfg: DictConfig, *, seed: int) -> tuple[SeededSamples, SeededSamples | None]:
     """(train, val) for a `data=synthetic` config; val is None when `data.val_length` is null."""
-    for key in ("train_length", "val_length"):
-        length = data_cfg[key]
-        if length is not None and not (isinstance(length, int) and length > 0):
-            raise UserError(
-                f"data.{key}={length}: must be a positive integer" + (" or null" if key == "val_length" else "")
-            )
 
     def split(name: str, length: int) -> SeededSamples:
         images = SyntheticImages(
@@ -76,3 +72,35 @@ def unchanged(image: torch.Tensor) -> torch.Tensor:
 
 def _split_seed(seed: int, split: str) -> int:
     return int(np.random.SeedSequence([seed, _SPLIT_STREAMS[split]]).generate_state(1)[0])
+
+
+def _check(data_cfg: DictConfig, problems: Problems) -> None:
+    problems.require(positive_int(data_cfg.train_length), "data.train_length", "must be a positive integer")
+    problems.require(
+        data_cfg.val_length is None or positive_int(data_cfg.val_length),
+        "data.val_length",
+        "must be a positive integer or null",
+    )
+
+
+def _loaders(data_cfg: DictConfig, aug_cfg: DictConfig, args: LoaderArgs):
+    train, val = synthetic_samples(data_cfg, seed=args.seed)
+    return seeded_loaders(train, val, data_cfg.num_workers, args, pin_memory=data_cfg.pin_memory)
+
+
+def _val_loader(data_cfg: DictConfig, crop_pct: float, args: LoaderArgs):
+    _, val = synthetic_samples(data_cfg, seed=0)
+    if val is None:
+        raise UserError("data.val_length is null: there is no validation split to score")
+    return seeded_val_loader(val, data_cfg.num_workers, args)
+
+
+SOURCES = {
+    "synthetic": Source(
+        loaders=_loaders,
+        val_loader=_val_loader,
+        root_hint="nothing: synthetic data has no files",
+        check=_check,
+        real_images=False,  # measures speed only
+    )
+}

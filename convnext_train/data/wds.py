@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from convnext_train.data.imagefolder import Sample, UnreadableImageError, load_image
 from convnext_train.data.loaders import Loaders, sample_seed, seeded_rngs
+from convnext_train.data.sources import LoaderArgs, Source
 from convnext_train.data.transforms import eval_transform, train_transform
 from convnext_train.data.wds_shards import (
     IMAGE_EXTENSIONS,
@@ -63,36 +64,27 @@ from convnext_train.data.wds_shards import (
     require_webdataset,
 )
 from convnext_train.errors import UserError
+from convnext_train.problems import Problems, positive_int
 
-__all__ = ["ShardStream", "rank_range", "stream_pieces", "wds_loaders", "wds_val_loader", "worker_blocks"]
+__all__ = ["SOURCES", "ShardStream", "rank_range", "stream_pieces", "worker_blocks"]
 
 
-def wds_loaders(
-    data_cfg: DictConfig,
-    aug_cfg: DictConfig,
-    *,
-    seed: int,
-    batch_size: int,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Loaders:
+def wds_loaders(data_cfg: DictConfig, aug_cfg: DictConfig, args: LoaderArgs) -> Loaders:
     """The training process's loaders over `<data.root>/<train_split>-*.tar` (and `<val_split>-*.tar`)."""
     require_webdataset()
-    train_set = open_split(data_cfg, data_cfg.train_split, announce=rank == 0)
-    val_set = open_split(data_cfg, data_cfg.val_split, announce=rank == 0) if data_cfg.val_split is not None else None
+    announce = args.rank == 0
+    train_set = open_split(data_cfg, data_cfg.train_split, announce=announce)
+    val_set = open_split(data_cfg, data_cfg.val_split, announce=announce) if data_cfg.val_split is not None else None
     check_class_lists(train_set, val_set)
-    common = dict(data_cfg=data_cfg, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size)
-    train = ShardStream(train_set, train_transform(aug_cfg, data_cfg.img_size), train=True, **common)
+    train = ShardStream(
+        train_set, train_transform(aug_cfg, data_cfg.img_size), train=True, data_cfg=data_cfg, args=args
+    )
     val = None
     if val_set is not None:
-        val = _loader(
-            ShardStream(val_set, eval_transform(data_cfg.img_size, aug_cfg.crop_pct), train=False, **common),
-            data_cfg,
-            device,
-        )
+        val_transform = eval_transform(data_cfg.img_size, aug_cfg.crop_pct)
+        val = _loader(ShardStream(val_set, val_transform, train=False, data_cfg=data_cfg, args=args), data_cfg, args)
     return Loaders(
-        train=_loader(train, data_cfg, device),
+        train=_loader(train, data_cfg, args),
         train_length=train_set.num_samples,
         start_at=train.set_position,
         val=val,
@@ -100,29 +92,34 @@ def wds_loaders(
     )
 
 
-def wds_val_loader(data_cfg: DictConfig, crop_pct: float, *, batch_size: int, device: torch.device) -> DataLoader:
+def wds_val_loader(data_cfg: DictConfig, crop_pct: float, args: LoaderArgs) -> DataLoader:
     """The whole validation split with the official eval preprocessing, in one process (eval.py)."""
     require_webdataset()
-    if data_cfg.val_split is None:
-        raise UserError("data.val_split is null: there is no validation split to score")
     images = open_split(data_cfg, data_cfg.val_split, announce=True)
-    stream = ShardStream(
-        images,
-        eval_transform(data_cfg.img_size, crop_pct),
-        train=False,
-        data_cfg=data_cfg,
-        seed=0,
-        batch_size=batch_size,
+    stream = ShardStream(images, eval_transform(data_cfg.img_size, crop_pct), train=False, data_cfg=data_cfg, args=args)
+    return _loader(stream, data_cfg, args)
+
+
+def _check(data_cfg: DictConfig, problems: Problems) -> None:
+    problems.require(positive_int(data_cfg.shuffle_buffer), "data.shuffle_buffer", "must be a positive integer")
+
+
+SOURCES = {
+    "wds": Source(
+        loaders=wds_loaders,
+        val_loader=wds_val_loader,
+        root_hint="the directory of <split>-NNNNNN.tar shards; `python data/write_wds.py` writes them",
+        check=_check,
     )
-    return _loader(stream, data_cfg, device)
+}
 
 
-def _loader(stream: ShardStream, data_cfg: DictConfig, device: torch.device) -> DataLoader:
+def _loader(stream: ShardStream, data_cfg: DictConfig, args: LoaderArgs) -> DataLoader:
     return DataLoader(
         stream,
         batch_size=None,  # the workers build the micro-batches: which samples form one is the plan's
         num_workers=data_cfg.num_workers,
-        pin_memory=data_cfg.pin_memory and device.type == "cuda",
+        pin_memory=data_cfg.pin_memory and args.pin_memory,
         persistent_workers=False,
         # A private generator: creating an iterator must not draw from the global torch RNG (drop path).
         generator=torch.Generator(),
@@ -198,17 +195,15 @@ class ShardStream(IterableDataset):
         *,
         train: bool,
         data_cfg: DictConfig,
-        seed: int,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
+        args: LoaderArgs,
     ):
         self.images, self.transform, self.train = images, transform, train
-        self.seed, self.batch_size = seed, batch_size
+        self.seed, self.batch_size = args.seed, args.batch_size
+        rank, world_size = args.rank, args.world_size
         self.num_classes, self.skip_corrupt = data_cfg.num_classes, data_cfg.skip_corrupt
         self.shuffle_buffer = data_cfg.get("shuffle_buffer", 1)
         self.lo, self.hi = rank_range(images.num_samples, rank, world_size, train=train)
-        self.num_batches = batch_count(self.hi - self.lo, batch_size, train=train)
+        self.num_batches = batch_count(self.hi - self.lo, self.batch_size, train=train)
         self.epoch, self.consumed_batches = 0, 0
 
     def set_position(self, epoch: int, consumed: int = 0) -> None:

@@ -24,7 +24,7 @@ Modules, each importing only those above it:
 - `order`: `RankOrder`, EpochSampler's order of a pass as FFCV takes it;
 - `repairs`: fixes of FFCV 1.0.2 (patched in place on import) and `CheckedLoader`;
 - `batches`: the batch iterators (`TrainBatches`, `ValBatches`) and one decode pass at a time;
-- `entry_points`: `ffcv_loaders` and `ffcv_val_loader`, what datasets.py calls.
+- `entry_points`: the `data=ffcv` source (`SOURCES`: `ffcv_loaders`, `ffcv_val_loader`, its checks).
 Everything is imported from here (`from convnext_train.data.ffcv import ffcv_loaders`).
 """
 
@@ -60,9 +60,9 @@ from convnext_train.data.ffcv.decoder import (
     native_helpers,
     random_crop,
 )
-from convnext_train.data.ffcv.entry_points import ffcv_loaders, ffcv_val_loader
+from convnext_train.data.ffcv.entry_points import SOURCES, ffcv_loaders, ffcv_val_loader
 from convnext_train.data.ffcv.library import FFCV_IMPORT_ERROR, INSTALL_HELP, require_ffcv
-from convnext_train.data.ffcv.order import RankOrder
+from convnext_train.data.ffcv.order import ORDERS, RankOrder
 from convnext_train.data.ffcv.repairs import (
     CheckedEpochIterator,
     CheckedLoader,
@@ -76,6 +76,7 @@ __all__ = [
     "INSTALL_HELP",
     "require_ffcv",
     # entry points
+    "SOURCES",
     "ffcv_loaders",
     "ffcv_val_loader",
     # betons
@@ -98,6 +99,7 @@ __all__ = [
     "native_helpers",
     "random_crop",
     # order
+    "ORDERS",
     "RankOrder",
     # repairs
     "CheckedEpochIterator",

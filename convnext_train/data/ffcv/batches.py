@@ -5,6 +5,7 @@ the reference path's, with the per-batch augmentation on the device (`TrainBatch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +17,9 @@ from omegaconf import DictConfig
 from convnext_train.data.ffcv.betons import Beton
 from convnext_train.data.ffcv.decoder import CropDecoder, eval_decoder
 from convnext_train.data.ffcv.library import IntDecoder, Loader, ToDevice, ToTensor, ToTorchImage, numba
-from convnext_train.data.ffcv.order import RankOrder
+from convnext_train.data.ffcv.order import ORDERS, RankOrder
 from convnext_train.data.ffcv.repairs import CheckedLoader
+from convnext_train.data.sources import LoaderArgs
 from convnext_train.errors import UserError
 
 __all__ = [
@@ -83,16 +85,13 @@ class FFCVBatches:
         data_cfg: DictConfig,
         order: RankOrder,
         decoder: CropDecoder,
+        args: LoaderArgs,
         *,
-        seed: int,
-        batch_size: int,
-        device: torch.device,
         guard: OneDecodeAtATime,
     ):
-        from convnext_train.config import FFCV_ORDERS
-
-        if data_cfg.order not in FFCV_ORDERS:  # train.py has checked it; eval.py and the bench have not
-            raise UserError(f"data.order={data_cfg.order}: must be one of {', '.join(FFCV_ORDERS)}")
+        if data_cfg.order not in ORDERS:  # the config checks have said so already; a direct caller has not
+            raise UserError(f"data.order={data_cfg.order}: must be one of {', '.join(ORDERS)}")
+        device, batch_size = args.device, args.batch_size
         self.path, self.order, self.decoder, self.device, self.guard = beton.path, order, decoder, device, guard
         self.batch_size = batch_size
         on_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
@@ -114,7 +113,7 @@ class FFCVBatches:
                 num_workers=decoding_threads(data_cfg.num_workers),
                 os_cache=data_cfg.os_cache,
                 order=order,
-                seed=seed & 0x7FFFFFFF,
+                seed=args.seed & 0x7FFFFFFF,
                 pipelines=pipelines,
                 drop_last=False,  # RankOrder keeps whole batches where it must
                 batches_ahead=data_cfg.batches_ahead,
@@ -160,18 +159,14 @@ class TrainBatches(FFCVBatches):
         beton: Beton,
         data_cfg: DictConfig,
         aug_cfg: DictConfig,
+        args: LoaderArgs,
         *,
-        seed: int,
-        batch_size: int,
-        device: torch.device,
-        rank: int,
-        world_size: int,
         guard: OneDecodeAtATime,
     ):
         from convnext_train.data.batch_augment import BatchAugment, normalize
         from convnext_train.data.rand_augment import rand_augment_policy
 
-        img_size = data_cfg.img_size
+        img_size, seed = data_cfg.img_size, args.seed
         if aug_cfg.random_resized_crop:
             policy = rand_augment_policy(aug_cfg, img_size)
             decoder = CropDecoder(
@@ -193,12 +188,12 @@ class TrainBatches(FFCVBatches):
             kind=data_cfg.order,
             seed=seed,
             train=True,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
+            batch_size=args.batch_size,
+            rank=args.rank,
+            world_size=args.world_size,
         )
-        super().__init__(beton, data_cfg, order, decoder, seed=seed, batch_size=batch_size, device=device, guard=guard)
-        self.seed, self.rank = seed, rank
+        super().__init__(beton, data_cfg, order, decoder, args, guard=guard)
+        self.seed, self.rank = seed, args.rank
 
     def start_at(self, epoch: int, samples_consumed: int = 0) -> None:
         self.order.set_position(epoch, samples_consumed)
@@ -213,30 +208,25 @@ class ValBatches(FFCVBatches):
         beton: Beton,
         data_cfg: DictConfig,
         crop_pct: float,
+        args: LoaderArgs,
         *,
-        batch_size: int,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
         guard: OneDecodeAtATime,
     ):
         from convnext_train.data.batch_augment import normalize
 
         self.normalize = normalize
         num_samples = int(beton.reader.num_samples)
+        args = dataclasses.replace(args, seed=0)  # nothing random in a validation pass
         order = RankOrder(
-            num_samples, kind="random", seed=0, train=False, batch_size=batch_size, rank=rank, world_size=world_size
-        )
-        super().__init__(
-            beton,
-            data_cfg,
-            order,
-            eval_decoder(data_cfg.img_size, crop_pct),
+            num_samples,
+            kind="random",
             seed=0,
-            batch_size=batch_size,
-            device=device,
-            guard=guard,
+            train=False,
+            batch_size=args.batch_size,
+            rank=args.rank,
+            world_size=args.world_size,
         )
+        super().__init__(beton, data_cfg, order, eval_decoder(data_cfg.img_size, crop_pct), args, guard=guard)
 
     def transform(self, images: torch.Tensor, epoch: int, position: int) -> torch.Tensor:
         return self.normalize(images)

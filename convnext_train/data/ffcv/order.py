@@ -7,7 +7,9 @@ import numpy as np
 from convnext_train.data.ffcv.library import Loader, QuasiRandom, TraversalOrder, generate_order_inner
 from convnext_train.data.loaders import EpochSampler
 
-__all__ = ["RankOrder"]
+__all__ = ["ORDERS", "RankOrder"]
+
+ORDERS = ("random", "quasi_random")  # data.order: EpochSampler's permutation, or FFCV's page-local shuffle
 
 
 class RankOrder(TraversalOrder):
