@@ -21,10 +21,11 @@ NCCL on GPUs, gloo on the CPU. Two timeouts, because two kinds of waiting exist:
   named within `trainer.dist_timeout_minutes`, not after the slow-work hour.
 
 Besides the training group, `init_processes` creates three CPU-side gloo groups: `control` (stop and
-save decisions, small values every rank shares; the short timeout everywhere), `slow_work` (the
-waits for rank 0 above) and `checkpointing` (`torch.distributed.checkpoint` saves and loads, where
-every rank writes its shards: the slow-work timeout everywhere; async saves run in a thread, so
-they cannot share a group with the main thread's collectives).
+save decisions, a non-finite loss on any rank: small values every rank shares; the short timeout
+everywhere), `slow_work` (the waits for rank 0 above) and `checkpointing`
+(`torch.distributed.checkpoint` saves and loads, where every rank writes its shards: the slow-work
+timeout everywhere; async saves run in a thread, so they cannot share a group with the main
+thread's collectives).
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def raise_if_timeout(error: BaseException, processes: Processes) -> None:
             f"rank {processes.rank}: {waited} a peer, yet every rank answers now: a network stall or a rank "
             "briefly stuck in I/O; the last checkpoint is intact and the same command resumes from it"
         ) from error
-    names = ", ".join(_describe_rank(rank) for rank in missing)
+    names = ", ".join(describe_rank(rank) for rank in missing)
     raise RankUnresponsive(
         f"{names} stopped responding: {waited} it (hung, dead, or stuck in I/O); the job stops. "
         "The last checkpoint is intact and the same command resumes from it"
@@ -303,7 +304,8 @@ def unresponsive_ranks(processes: Processes, grace: timedelta) -> list[int]:
     return sorted(waiting)
 
 
-def _describe_rank(rank: int) -> str:
+def describe_rank(rank: int) -> str:
+    """A rank as messages name it, `rank 3 (pid 4242 on node7)` (read from the rendezvous store)."""
     try:
         info = json.loads(_store().get(_RANK_KEY.format(rank)))
         return f"rank {rank} (pid {info['pid']} on {info['host']})"

@@ -4,7 +4,7 @@ the epoch loop that calls them is the trainer's.
 
 No host synchronisation inside a step: losses stay on the device in a `LossWindow` and are read
 when the trainer logs (and before a checkpoint is written, so a non-finite loss never reaches a
-checkpoint).
+checkpoint). Reading it is where the ranks agree on a non-finite loss, so that all of them stop.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from convnext_train.distributed import Processes, describe_rank, gather_objects
 from convnext_train.errors import UserError
 from convnext_train.optim import set_lr
 from convnext_train.parts import TrainParts
@@ -50,9 +51,13 @@ def optimizer_step(parts: TrainParts, batches: Iterator, window: LossWindow, ste
 
 class LossWindow:
     """Training losses since the last log, summed on the device; remembers the first step whose
-    loss was not finite without a host sync per step."""
+    loss was not finite without a host sync per step.
 
-    def __init__(self, device: torch.device, step: int):
+    Reading it (`read_and_reset`, `raise_if_non_finite`) is a collective under several processes:
+    every rank reads at the same step (the trainer's log steps, and before each save)."""
+
+    def __init__(self, device: torch.device, step: int, processes: Processes | None = None):
+        self.processes = processes or Processes()  # None: one process
         self.total = torch.zeros((), device=device)
         self.count = 0
         self.skipped_images = 0  # unreadable files replaced under data.skip_corrupt
@@ -67,16 +72,34 @@ class LossWindow:
         self.first_bad_step = torch.where(new_bad, torch.full_like(self.first_bad_step, step + 1), self.first_bad_step)
 
     def raise_if_non_finite(self) -> None:
-        bad_step = int(self.first_bad_step)
-        if bad_step >= 0:
-            raise NonFiniteLoss(
-                f"the training loss became non-finite at step {bad_step}; the run stopped and the last "
-                "checkpoint before it is kept. Lower optimizer.lr, set trainer.clip_grad, or use "
-                "trainer.precision=bf16 instead of fp16"
-            )
+        """Every rank raises the same NonFiniteLoss, naming the first bad step and the rank that saw
+        it, when any rank's loss was non-finite. Under DDP a rank whose loss was still finite at that
+        step gets the NaN gradients through the all-reduce and goes non-finite a step later: raising
+        on the bad rank alone would leave it waiting in the next step's collectives until
+        trainer.dist_timeout_minutes.
+
+        The ranks agree on the CPU-side control group, where the stop and save decisions are made
+        (distributed.py): the host reads the window here anyway, and a rank that hangs instead of
+        arriving is named within the loop's timeout, which a device collective on the NCCL group
+        cannot do (the host would block in a CUDA sync until NCCL's watchdog ends the job unnamed)."""
+        steps = gather_objects(int(self.first_bad_step), self.processes)  # the read's host sync
+        bad = {rank: step for rank, step in enumerate(steps) if step >= 0}
+        if not bad:
+            return
+        first = min(bad.values())
+        ranks = [rank for rank, step in bad.items() if step == first]
+        where = f"at step {first}"
+        if self.processes.distributed:
+            others = len(ranks) - 1
+            also = f" and {others} other rank{'s' * (others > 1)}" if others else ""
+            where = f"on {describe_rank(ranks[0])}{also} {where}"
+        raise NonFiniteLoss(
+            f"the training loss became non-finite {where}; the run stopped and the last checkpoint before it "
+            "is kept. Lower optimizer.lr, set trainer.clip_grad, or use trainer.precision=bf16 instead of fp16"
+        )
 
     def read_and_reset(self, step: int) -> dict:
-        """Mean loss and throughput of the window (one host sync)."""
+        """Mean loss and throughput of the window (one host sync), after `raise_if_non_finite`."""
         self.raise_if_non_finite()
         elapsed = time.perf_counter() - self.since
         result = {

@@ -205,7 +205,7 @@ def train_epoch(run: Run, epoch: int) -> bool:
     run.train_start_at(epoch, first_step * run.samples_per_step_per_rank)
     parts.forward.train()
     batches = iter(run.train_loader)
-    window = LossWindow(parts.device, state.step)
+    window = LossWindow(parts.device, state.step, run.processes)
     progress = run.progress(epoch, first_step)
     for _ in range(first_step, run.steps_per_epoch):
         lr = optimizer_step(parts, batches, window, state.step)
