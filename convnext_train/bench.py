@@ -28,9 +28,8 @@ Arguments are train.py's overrides, plus the bench's own options (train.py's con
 optimizer step, so the optimizer and EMA are paid on every batch) unless it is given. Nothing is
 logged: `logger=none` is forced.
 
-One module (over 400 lines) because the three benchmarks share one measurement loop, one report and
-one way of composing train.py's config, and are read against each other; the GPU suite, when it
-comes, is the seam to split along.
+The timing loop and the memory, MFU and device helpers are convnext_train/measure.py's, which the GPU
+suite shares.
 
 Output: a table, then one JSON line per contender with images_per_sec, step_ms, mfu (null without
 a known peak: CPU, unknown GPU), peak_mem_gb (null on CPU), device, versions and the full settings.
@@ -39,16 +38,12 @@ a known peak: CPU, unknown GPU), peak_mem_gb (null on CPU), device, versions and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import timm
@@ -65,6 +60,16 @@ from convnext_train.data.transforms import mixup_fn
 from convnext_train.distributed import Processes
 from convnext_train.engine import LossWindow, optimizer_step
 from convnext_train.errors import UserError, exit_on_user_error
+from convnext_train.measure import (
+    Contender,
+    Measurement,
+    Rounds,
+    dense_peak_tflops,
+    device_name,
+    math_precision,
+    measure,
+    model_flops_utilisation,
+)
 from convnext_train.models import TIMM_NAMES, build_model
 from convnext_train.models.complexity import count_gmacs
 from convnext_train.parts import TrainParts, build_parts
@@ -73,55 +78,11 @@ from convnext_train.runtime import autocast, prepare_device, resolve_device
 MODES = ("step", "eval", "loader")
 RIVALS = {"step": ("timm", "bare"), "eval": ("timm",), "loader": ()}
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets, keyed by a part of
-# torch.cuda.get_device_name(); the first key found in the name wins, so specific names come first.
-DENSE_PEAK_TFLOPS = {
-    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
-    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
-    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5 ("H100 80GB HBM3")
-    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
-    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe alike
-}
-# A training step costs about three forward passes (forward, then gradients of the input and of
-# the weights); a multiply-accumulate is two FLOPs.
-TRAIN_FLOPS_PER_FORWARD = 3
-FLOPS_PER_MAC = 2
-
 
 @dataclasses.dataclass(frozen=True)
-class BenchOptions:
-    warmup: int = 10
-    steps: int = 20
-    rounds: int = 5
-    vs: str | None = None
+class BenchOptions(Rounds):
+    vs: str | None = None  # a second contender: timm, bare
     tf32: bool = False
-
-
-@dataclasses.dataclass
-class Contender:
-    """One thing being timed: `step()` does one unit of work (an optimizer step, a forward batch,
-    a loader batch) of `images_per_step` images, queued on the device without a host sync."""
-
-    step: Callable[[], None]
-    images_per_step: int
-    check: Callable[[], None] = lambda: None  # after timing: raise if the work went wrong (NaN loss)
-
-
-@dataclasses.dataclass
-class Measurement:
-    name: str
-    images_per_step: int
-    round_seconds: list[float]
-    peak_mem_bytes: int | None
-
-    @property
-    def step_seconds(self) -> float:
-        return statistics.median(self.round_seconds)
-
-    @property
-    def images_per_sec(self) -> float:
-        return self.images_per_step / self.step_seconds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,112 +300,8 @@ def memory_format_of(cfg: DictConfig) -> torch.memory_format:
 
 
 # --------------------------------------------------------------------------------------------------
-# Timing
+# The report
 # --------------------------------------------------------------------------------------------------
-def measure(
-    factories: dict[str, Callable[[], Contender]], options: BenchOptions, device: torch.device
-) -> list[Measurement]:
-    """Build and warm up each contender in turn, then time them in alternating rounds, so a drift
-    of the machine (clocks, temperature, other load) reaches all of them alike.
-
-    Peak memory is each contender's own: all of them live in one process, so the memory the others
-    hold between their steps (weights, optimizer state, EMA) is subtracted from the peak seen while
-    it runs. The shared resident batch counts for each.
-    """
-    contenders: list[Contender] = []
-    held_bytes: list[int] = []
-    for build in factories.values():
-        before = allocated_bytes(device)
-        contender = build()
-        for _ in range(options.warmup):
-            contender.step()
-        synchronize(device)
-        contenders.append(contender)
-        held_bytes.append(allocated_bytes(device) - before)
-
-    round_seconds: list[list[float]] = [[] for _ in contenders]
-    peaks: list[int | None] = [None for _ in contenders]
-    for _round in range(options.rounds):
-        for i, contender in enumerate(contenders):
-            reset_peak_memory(device)
-            synchronize(device)
-            started = time.perf_counter()
-            for _ in range(options.steps):
-                contender.step()
-            synchronize(device)
-            round_seconds[i].append((time.perf_counter() - started) / options.steps)
-            peak = peak_memory_bytes(device)
-            if peak is not None:
-                others = sum(held_bytes) - held_bytes[i]
-                peaks[i] = max(peaks[i] or 0, peak - others)
-    for contender in contenders:
-        contender.check()
-    return [
-        Measurement(name, c.images_per_step, seconds, peak)
-        for name, c, seconds, peak in zip(factories, contenders, round_seconds, peaks, strict=True)
-    ]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def allocated_bytes(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-# --------------------------------------------------------------------------------------------------
-# MFU and the report
-# --------------------------------------------------------------------------------------------------
-def dense_peak_tflops(device_name: str, precision: str) -> float | None:
-    """The device's dense peak for `precision` (bf16, fp16, tf32, fp32), or None when unknown."""
-    for key, peaks in DENSE_PEAK_TFLOPS.items():
-        if key in device_name:
-            return peaks[precision]
-    return None
-
-
-def math_precision(precision: str) -> str:
-    """What the tensor cores run for `trainer.precision`: fp32 runs as TF32 once matmuls allow it
-    (ConvNeXt's FLOPs are mostly its pointwise Linear layers, which follow the matmul setting)."""
-    if precision != "fp32":
-        return precision
-    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
-
-
-def model_flops_utilisation(
-    images_per_sec: float, gmacs_per_image: float, *, training: bool, peak_tflops: float | None
-) -> float | None:
-    if peak_tflops is None:
-        return None
-    flops_per_image = gmacs_per_image * 1e9 * FLOPS_PER_MAC * (TRAIN_FLOPS_PER_FORWARD if training else 1)
-    return images_per_sec * flops_per_image / (peak_tflops * 1e12)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
-
-
-def cpu_model_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "CPU"
-
-
 def describe_settings(mode: str, cfg: DictConfig, variant: str) -> str:
     t = cfg.trainer
     if mode == "loader":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +23,40 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from convnext_train.config import validate_eval_config
 from convnext_train.data.sources import LoaderArgs, build_val_loader
-from convnext_train.distributed import device_for, init_processes, launch_environment, shutdown
+from convnext_train.distributed import Processes, device_for, init_processes, launch_environment, shutdown
 from convnext_train.errors import UserError
-from convnext_train.inference import CheckpointModel, load_checkpoint_model
+from convnext_train.inference import CheckpointModel, Inference, load_checkpoint_model
 from convnext_train.models import build_model
 from convnext_train.models.complexity import count_gmacs, count_params
 from convnext_train.robustness import Scorer, is_robustness_run, score_sets
 from convnext_train.robustness import format_table as robustness_table
-from convnext_train.runtime import autocast, prepare_device, resolve_device
+from convnext_train.runtime import prepare_device, resolve_device
 from convnext_train.tasks.classification import evaluate
 
 IMAGENET_CLASSES = 1000  # the class count when neither data.num_classes nor a checkpoint gives one
 
 
+@dataclass
+class EvalJob:
+    """One eval.py run: what to score and how."""
+
+    cfg: DictConfig
+    checkpoints: list[str | None]  # None: no checkpoint, the size columns of a fresh model
+    chosen_model: str | None  # the `model=` of the command line (conf/eval.yaml has no default)
+    how: Inference
+    processes: Processes
+    out_dir: Path
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     validate_eval_config(cfg)
+    e = cfg.eval
     hydra_cfg = HydraConfig.get()
     # conf/eval.yaml's model default is null, so a chosen group means `model=` was given: a default
     # architecture would silently win over the checkpoint's own.
-    given = hydra_cfg.runtime.choices.get("model")
+    chosen_model = hydra_cfg.runtime.choices.get("model")
     checkpoints = list(cfg.checkpoint) if isinstance(cfg.checkpoint, ListConfig) else [cfg.checkpoint]
-    e = cfg.eval
-    if given is None and not all(checkpoints):
+    if chosen_model is None and not all(checkpoints):
         raise UserError("eval.py needs checkpoint=<file> (its architecture is taken from it) or model=<variant>")
     if not (isinstance(e.per_class_max, int) and e.per_class_max >= 0):
         raise UserError(f"eval.per_class_max={e.per_class_max}: must be an integer >= 0 (0 turns per-class off)")
@@ -55,67 +67,40 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "and the like); run it as one process (python eval.py ...) for data.root="
         )
     device = resolve_device(e.device)
-    processes = init_processes(device.type, e.dist_timeout_minutes) if robust else None
-    if processes is not None and processes.distributed:
+    processes = init_processes(device.type, e.dist_timeout_minutes) if robust else Processes()
+    if processes.distributed:
         device = device_for(processes, device.type)
-    device = prepare_device(device)
+    how = Inference(prepare_device(device), e.precision, e.channels_last, e.batch_size, cfg.data.num_workers)
+    job = EvalJob(cfg, checkpoints, chosen_model, how, processes, Path(hydra_cfg.runtime.output_dir))
     try:
-        return _run(cfg, checkpoints, given, device, processes, robust)
+        results = score_robustness(job) if robust else score(job)
     finally:
         shutdown()
+    if processes.is_main:
+        print(robustness_table(results) if robust else format_table(results))
+        out = job.out_dir / "eval.json"
+        out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+    return results
 
 
-def _run(cfg, checkpoints, given, device, processes, robust) -> list[dict[str, Any]]:
-    hydra_cfg = HydraConfig.get()
-    e = cfg.eval
-    on_main = processes is None or processes.is_main
-    memory_format = torch.channels_last if e.channels_last else torch.contiguous_format
-    out_dir = Path(hydra_cfg.runtime.output_dir)
-    loader = None
-    results = []
-    for index, checkpoint in enumerate(checkpoints):
-        loaded = _load(cfg, checkpoint, given)
-        if index == 0:  # the first checkpoint's class count and training resolution are the data's
-            _take_from_checkpoint(cfg, loaded, hydra_cfg.overrides.task)
-        if robust and len(loaded.class_names) != IMAGENET_CLASSES:
-            raise UserError(
-                f"the robustness sets are scored over ImageNet-1K's {IMAGENET_CLASSES} classes, but "
-                f"{checkpoint or 'the model'} has a {len(loaded.class_names)}-class head"
-            )
-        if loader is None and cfg.data.root and not robust:
-            loader = build_val_loader(cfg.data, e.crop_pct, LoaderArgs(seed=0, batch_size=e.batch_size, device=device))
-        with torch.device("meta"):
-            gmacs = count_gmacs(build_model(loaded.model_cfg), cfg.data.img_size)
-        model = loaded.model.to(device=device, memory_format=memory_format).eval()
-        result: dict[str, Any] = {
-            "model": loaded.variant,
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "ema": bool(e.use_ema),
-            "img_size": cfg.data.img_size,
-            "params": count_params(model),
-            "gmacs": round(gmacs, 3),
-        }
-        if robust:
-            scorer = Scorer(
-                model,
-                device,
-                partial(autocast, e.precision, device.type),
-                memory_format,
-                e.batch_size,
-                cfg.data.num_workers,
-                processes.rank,
-                processes.world_size,
-            )
-            result["robustness"] = score_sets(cfg, scorer, on_main)
-        elif loader is not None:
+def score(job: EvalJob) -> list[dict[str, Any]]:
+    """Top-1/top-5 and images/s of each checkpoint on data.root's validation split, per-class top-1 and
+    the confusion matrix beside them; without data.root, the size columns only."""
+    e, loader, results = job.cfg.eval, None, []
+    for index, (_checkpoint, loaded, model, result) in enumerate(_models(job)):
+        if loader is None and job.cfg.data.root:
+            args = LoaderArgs(seed=0, batch_size=job.how.batch_size, device=job.how.device)
+            loader = build_val_loader(job.cfg.data, e.crop_pct, args)
+        if loader is not None:
             recorder = _Recorder(model)
             started = time.perf_counter()
+            how = job.how
             scores = evaluate(
                 model,
                 recorder.batches(loader),
-                device=device,
-                autocast=partial(autocast, e.precision, device.type),
-                memory_format=memory_format,
+                device=how.device,
+                autocast=how.autocast,
+                memory_format=how.memory_format,
             )
             result.update(
                 top1=scores["top1"],
@@ -124,37 +109,69 @@ def _run(cfg, checkpoints, given, device, processes, robust) -> list[dict[str, A
                 images_per_sec=scores["images"] / (time.perf_counter() - started),
             )
             recorder.close()
-            name = "confusion_matrix.png" if len(checkpoints) == 1 else f"confusion_matrix_{index}.png"
-            result.update(_per_class(recorder, loaded.class_names, e.per_class_max, out_dir / name))
+            name = "confusion_matrix.png" if len(job.checkpoints) == 1 else f"confusion_matrix_{index}.png"
+            result.update(_per_class(recorder, loaded.class_names, e.per_class_max, job.out_dir / name))
         results.append(result)
-
-    if on_main:
-        print(robustness_table(results) if robust else format_table(results))
-        out = out_dir / "eval.json"
-        out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
     return results
+
+
+def score_robustness(job: EvalJob) -> list[dict[str, Any]]:
+    """The robustness table's sets (robustness.py) for each checkpoint, on every process's shard."""
+    results = []
+    for checkpoint, loaded, model, result in _models(job):
+        if len(loaded.class_names) != IMAGENET_CLASSES:
+            raise UserError(
+                f"the robustness sets are scored over ImageNet-1K's {IMAGENET_CLASSES} classes, but "
+                f"{checkpoint or 'the model'} has a {len(loaded.class_names)}-class head"
+            )
+        scorer = Scorer(model, job.how, job.processes)
+        result["robustness"] = score_sets(job.cfg, scorer, job.processes.is_main)
+        results.append(result)
+    return results
+
+
+def _models(job: EvalJob) -> Iterator[tuple[str | None, CheckpointModel, torch.nn.Module, dict[str, Any]]]:
+    """Each checkpoint's model, loaded and on the device, with its result's size columns. The first
+    one's class count and training resolution become the data's."""
+    cfg = job.cfg
+    for index, checkpoint in enumerate(job.checkpoints):
+        loaded = _load(cfg, checkpoint, job.chosen_model)
+        if index == 0:
+            _take_from_checkpoint(cfg, loaded, HydraConfig.get().overrides.task)
+        with torch.device("meta"):
+            gmacs = count_gmacs(build_model(loaded.model_cfg), cfg.data.img_size)
+        model = job.how.prepare(loaded.model)
+        result: dict[str, Any] = {
+            "model": loaded.variant,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "ema": bool(cfg.eval.use_ema),
+            "img_size": cfg.data.img_size,
+            "params": count_params(model),
+            "gmacs": round(gmacs, 3),
+        }
+        yield checkpoint, loaded, model, result
 
 
 def _take_from_checkpoint(cfg: DictConfig, loaded: CheckpointModel, overrides: list[str]) -> None:
     """data.num_classes, data.img_size and eval.crop_pct from the checkpoint unless given. The last two
     have defaults (the data group's 224, the paper's 0.875) that cannot say whether a user chose them,
     so the command line is asked; a checkpoint that does not say keeps them."""
-    given = {override.lstrip("+~").partition("=")[0] for override in overrides}
+    overridden = {override.lstrip("+~").partition("=")[0] for override in overrides}
     if cfg.data.num_classes is None:
         cfg.data.num_classes = len(loaded.class_names)
-    if loaded.img_size and "data.img_size" not in given:
+    if loaded.img_size and "data.img_size" not in overridden:
         cfg.data.img_size = loaded.img_size
-    if loaded.crop_pct and "eval.crop_pct" not in given:
+    if loaded.crop_pct and "eval.crop_pct" not in overridden:
         cfg.eval.crop_pct = loaded.crop_pct
 
 
-def _load(cfg: DictConfig, checkpoint: str | None, given: str | None) -> CheckpointModel:
+def _load(cfg: DictConfig, checkpoint: str | None, chosen_model: str | None) -> CheckpointModel:
     e = cfg.eval
     if checkpoint:
         return load_checkpoint_model(
             checkpoint,
-            cfg.model if given else None,
-            given_variant=given,
+            cfg.model if chosen_model else None,
+            chosen_variant=chosen_model,
             num_classes=cfg.data.num_classes,
             use_ema=e.use_ema,
             trusted=e.trust_checkpoint,
@@ -162,7 +179,9 @@ def _load(cfg: DictConfig, checkpoint: str | None, given: str | None) -> Checkpo
     # No checkpoint: the size columns of a freshly initialised model.
     model_cfg = OmegaConf.merge(cfg.model, {"num_classes": cfg.data.num_classes or IMAGENET_CLASSES})
     count = model_cfg.num_classes
-    return CheckpointModel(build_model(model_cfg), model_cfg, given, [f"class {i}" for i in range(count)], None, None)
+    return CheckpointModel(
+        build_model(model_cfg), model_cfg, chosen_model, [f"class {i}" for i in range(count)], None, None
+    )
 
 
 class _Recorder:

@@ -1,5 +1,6 @@
 """What eval.py and predict.py share: the model a checkpoint holds, built without being told which it
-is, with its class names and the preprocessing size it was trained at.
+is, with its class names and the preprocessing size it was trained at; and how such a model is run
+(`Inference`: device, precision, memory layout, batch size, decoding workers).
 
 The architecture comes, first to last, from `model=` on the command line, our training checkpoint's
 saved `config`, a Hugging Face directory's config.json, or the weights' own shapes: depths and widths
@@ -23,9 +24,33 @@ from torch import nn
 from convnext_train import configs
 from convnext_train.errors import UserError
 from convnext_train.models import build_model
+from convnext_train.runtime import autocast
 from convnext_train.weights import CheckpointError, load_weights, read_checkpoint, state_dict_from_checkpoint
 from convnext_train.weights.layouts import architecture, is_v2, to_official
 from convnext_train.weights.loading import variant_named
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How eval.py and predict.py run a model: where, at which precision (autocast) and memory
+    layout, in batches of what size, with how many processes decoding images."""
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = True
+    batch_size: int = 100
+    num_workers: int = 0
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        return autocast(self.precision, self.device.type)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`model` on the device, in the memory layout, in eval mode."""
+        return model.to(device=self.device, memory_format=self.memory_format).eval()
 
 
 @dataclass
@@ -42,13 +67,14 @@ def load_checkpoint_model(
     path: str | os.PathLike,
     model_cfg: DictConfig | None,
     *,
-    given_variant: str | None = None,
+    chosen_variant: str | None = None,
     num_classes: int | None = None,
     use_ema: bool = False,
     trusted: bool = False,
 ) -> CheckpointModel:
-    """The model in checkpoint `path`; `model_cfg` is the `model=` given on the command line (None:
-    take the checkpoint's), `num_classes` the class count given (None: the head's)."""
+    """The model in checkpoint `path`; `model_cfg` is the `model=` chosen on the command line (None:
+    take the checkpoint's) and `chosen_variant` its name; `num_classes` the class count given (None:
+    the head's)."""
     checkpoint = read_checkpoint(path, trusted=trusted)
     weights = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
     if "head.weight" not in weights:
@@ -68,8 +94,8 @@ def load_checkpoint_model(
     saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
 
     if model_cfg is not None:
-        _refuse_other_architecture(path, model_cfg, given_variant, fits, shape, family)
-        cfg, variant = model_cfg.copy(), given_variant or _class_name(model_cfg)
+        _refuse_other_architecture(path, model_cfg, chosen_variant, fits, shape, family)
+        cfg, variant = model_cfg.copy(), chosen_variant or _class_name(model_cfg)
     elif isinstance(saved.get("model"), Mapping):
         cfg = OmegaConf.create(dict(saved["model"]))
         variant = fits or _class_name(cfg)
@@ -107,16 +133,16 @@ def class_names(checkpoint: Mapping[str, Any], count: int) -> list[str]:
     return [f"class {i}" for i in range(count)]
 
 
-def _refuse_other_architecture(path, model_cfg, given_variant, fits, shape, family) -> None:
+def _refuse_other_architecture(path, model_cfg, chosen_variant, fits, shape, family) -> None:
     """One line naming the variant that fits, where load_state_dict would list every tensor."""
     with_meta = OmegaConf.merge(model_cfg, {"num_classes": 1})
     with torch.device("meta"):
         ours = build_model(with_meta).state_dict()
     if fits is None or (architecture(ours) == shape and is_v2(ours) == (family == "convnextv2")):
         return  # the same size (or one no config names): loading says what differs, if anything
-    given = given_variant or _class_name(model_cfg)
+    chosen = chosen_variant or _class_name(model_cfg)
     raise CheckpointError(
-        f"this checkpoint ({path}) is a {fits}, a different architecture than model={given} (its tensor shapes "
+        f"this checkpoint ({path}) is a {fits}, a different architecture than model={chosen} (its tensor shapes "
         f"differ): add model={fits}, or leave model= out to take the checkpoint's."
     )
 

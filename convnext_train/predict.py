@@ -24,8 +24,8 @@ from convnext_train.config import DEVICES, PRECISIONS
 from convnext_train.data.imagefolder import UnreadableImageError, load_image
 from convnext_train.data.transforms import eval_transform
 from convnext_train.errors import UserError
-from convnext_train.inference import load_checkpoint_model
-from convnext_train.runtime import autocast, prepare_device, resolve_device
+from convnext_train.inference import Inference, load_checkpoint_model
+from convnext_train.runtime import prepare_device, resolve_device
 
 DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT = 224, 0.875  # the paper's, for checkpoints that do not say
 
@@ -33,26 +33,25 @@ DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT = 224, 0.875  # the paper's, for checkpoints 
 def run(cfg: DictConfig) -> Path:
     _check(cfg)
     paths = find_images(str(cfg.images))
-    given = HydraConfig.get().runtime.choices.get("model")  # null default: see conf/predict.yaml
+    chosen_model = HydraConfig.get().runtime.choices.get("model")  # null default: see conf/predict.yaml
     loaded = load_checkpoint_model(
         cfg.checkpoint,
-        cfg.model if given else None,
-        given_variant=given,
+        cfg.model if chosen_model else None,
+        chosen_variant=chosen_model,
         use_ema=cfg.use_ema,
         trusted=cfg.trust_checkpoint,
     )
     img_size = cfg.img_size or loaded.img_size or DEFAULT_IMG_SIZE
     crop_pct = cfg.crop_pct or loaded.crop_pct or DEFAULT_CROP_PCT
-    device = prepare_device(resolve_device(cfg.device))
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = loaded.model.to(device=device, memory_format=memory_format)
+    how = Inference(prepare_device(resolve_device(cfg.device)), cfg.precision, cfg.channels_last, cfg.batch_size)
+    model = how.prepare(loaded.model)
     names = loaded.class_names
     topk = min(cfg.topk, len(names))
     images = DataLoader(
         _Images(paths, eval_transform(img_size, crop_pct), img_size),
-        batch_size=cfg.batch_size,
+        batch_size=how.batch_size,
         num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=how.device.type == "cuda",
     )
     out = Path(cfg.out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +61,8 @@ def run(cfg: DictConfig) -> Path:
         writer = csv.writer(file)
         writer.writerow(header)
         for batch, indices, errors in images:
-            with autocast(cfg.precision, device.type):
-                logits = model(batch.to(device, non_blocking=True, memory_format=memory_format))
+            with how.autocast():
+                logits = model(batch.to(how.device, non_blocking=True, memory_format=how.memory_format))
             probs, classes = logits.float().softmax(dim=1).topk(topk, dim=1)
             for index, error, p, c in zip(indices.tolist(), errors, probs.tolist(), classes.tolist(), strict=True):
                 if error:

@@ -13,7 +13,6 @@ set and the counts are summed, so the numbers are those of one process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ from convnext_train import configs
 from convnext_train.data.loaders import EpochSampler, make_loader
 from convnext_train.data.robustness import LAYOUTS, class_subset, corruption_folders, robustness_dataset
 from convnext_train.data.sources import source
-from convnext_train.distributed import all_reduce_sum
+from convnext_train.distributed import Processes, all_reduce_sum
 from convnext_train.errors import UserError
 from convnext_train.imagenet_c import corruption_errors
+from convnext_train.inference import Inference
 
 # The table's sets, in its column order; `imagenet` is the clean validation set (conf/data/imagenet.yaml).
 SETS = ("imagenet", "imagenet_v2", "imagenet_real", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_c")
@@ -49,40 +49,41 @@ def is_robustness_run(cfg: DictConfig) -> bool:
 
 @dataclass
 class Scorer:
-    """What scoring one set needs besides its data: the model and how to run it, this process's
-    share of the images, and the loader settings."""
+    """What scoring one set needs besides its data: the model (prepared by `how`), how to run it,
+    and this process's share of the images."""
 
     model: torch.nn.Module
-    device: torch.device
-    autocast: Callable
-    memory_format: torch.memory_format
-    batch_size: int
-    num_workers: int
-    rank: int = 0
-    world_size: int = 1
+    how: Inference
+    processes: Processes = Processes()
 
     @torch.no_grad()
     def top1(self, samples, subset: tuple[int, ...] | None) -> dict[str, Any]:
         """Top-1 (percent) over every image of `samples` (all processes together)."""
+        how, device = self.how, self.how.device
         sampler = EpochSampler(
-            len(samples), seed=0, shuffle=False, drop_last=False, rank=self.rank, world_size=self.world_size
+            len(samples),
+            seed=0,
+            shuffle=False,
+            drop_last=False,
+            rank=self.processes.rank,
+            world_size=self.processes.world_size,
         )
         loader = make_loader(
             samples,
             sampler,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+            batch_size=how.batch_size,
+            num_workers=how.num_workers,
+            pin_memory=device.type == "cuda",
             drop_last=False,
         )
-        classes = torch.tensor(subset, device=self.device) if subset is not None else None
-        correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        classes = torch.tensor(subset, device=device) if subset is not None else None
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.float64, device=device)
         self.model.eval()
         for images, labels, _replaced in loader:
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            labels = labels.to(self.device, non_blocking=True)
-            with self.autocast():
+            images = images.to(device, non_blocking=True, memory_format=how.memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with how.autocast():
                 logits = self.model(images).float()
             predicted = classes[logits[:, classes].argmax(1)] if classes is not None else logits.argmax(1)
             correct += (labels == predicted[:, None]).any(1).sum()

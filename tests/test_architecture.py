@@ -1,16 +1,21 @@
-"""The shape of the package: arrows point one way (no import cycles; the engine and the data never
-import the trainer; weight formats never import the run's checkpointing), and a module over about
-400 lines says in its docstring why it is one."""
+"""The shape of the package: arrows point one way (no import cycles; the engine, the tasks and the
+data never import the trainer; weight formats never import the run's checkpointing; nothing the
+runtime runs imports the tooling: the bench, the GPU suite, the README generators), one module knows
+where the configs are, the data kind is chosen in one registry, and a module over about 400 lines
+says in its docstring why it is one."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "convnext_train"
 # Modules over 400 lines; each docstring says why it is one module.
-LONG_MODULES = {"convnext_train.bench", "convnext_train.data.rand_augment"}
+LONG_MODULES = {"convnext_train.data.rand_augment"}
+# Measurement and documentation tools: they import the runtime, never the other way round.
+TOOLING = ("convnext_train.bench", "convnext_train.measure", "convnext_train.gpu_suite", "convnext_train.readme")
 
 
 def module_name(path: Path) -> str:
@@ -63,9 +68,37 @@ def test_the_arrows_point_down():
     for module in ("convnext_train.evaluate", "convnext_train.bench"):
         assert "convnext_train.trainer" not in reachable(graph, module), module
     formats = [name for name in graph if name.startswith("convnext_train.weights")]
-    assert all(not any(t.startswith("convnext_train.checkpointing") for t in reachable(graph, f)) for f in formats)
-    data = [name for name in graph if name.startswith("convnext_train.data")]
-    assert all("convnext_train.trainer" not in reachable(graph, name) for name in data)
+    assert formats and all(
+        not any(t.startswith("convnext_train.checkpointing") for t in reachable(graph, f)) for f in formats
+    )
+    below_the_trainer = [name for name in graph if name.startswith(("convnext_train.data", "convnext_train.tasks"))]
+    assert below_the_trainer and all("convnext_train.trainer" not in reachable(graph, n) for n in below_the_trainer)
+
+
+def is_tooling(name: str) -> bool:
+    return any(name == t or name.startswith(f"{t}.") for t in TOOLING)
+
+
+def test_nothing_the_runtime_runs_imports_the_tooling():
+    graph = import_graph()
+    runtime = [name for name in graph if not is_tooling(name)]
+    assert "convnext_train.trainer" in runtime and "convnext_train.bench" not in runtime
+    offending = {name: sorted(filter(is_tooling, reachable(graph, name))) for name in runtime}
+    assert {name: found for name, found in offending.items() if found} == {}
+
+
+def test_one_module_knows_where_the_configs_are_and_one_registry_chooses_the_data():
+    """No other module builds a path to conf/ (they ask convnext_train.configs), and no module but
+    the data registry compares `data.kind` (or `data_cfg.kind`) to a value."""
+    conf_paths, kind_chains = [], []
+    for path in PACKAGE.rglob("*.py"):
+        name, text = module_name(path), path.read_text()
+        if name != "convnext_train.configs" and re.search(r'"conf"|__file__.*conf', text):
+            conf_paths.append(name)
+        if name != "convnext_train.data.sources" and re.search(r"data(_cfg)?\.kind\s*(==|!=|in\b|not in\b)", text):
+            kind_chains.append(name)
+    assert conf_paths == []
+    assert kind_chains == []
 
 
 def test_long_modules_are_the_known_ones():

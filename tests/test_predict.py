@@ -145,7 +145,7 @@ def test_a_misfitting_model_config_is_named_before_any_tensor(trained):
     _, checkpoint, _ = trained
     femto = OmegaConf.load(CONFIG_DIR / "model" / "convnext_femto.yaml")
     with pytest.raises(CheckpointError, match="is a convnext_atto, a different architecture than model=convnext_femto"):
-        load_checkpoint_model(checkpoint, femto, given_variant="convnext_femto")
+        load_checkpoint_model(checkpoint, femto, chosen_variant="convnext_femto")
     with pytest.raises(CheckpointError, match="4-class head but data.num_classes=10; set data.num_classes=4"):
         load_checkpoint_model(checkpoint, None, num_classes=10)
 

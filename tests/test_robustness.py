@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +37,9 @@ from convnext_train.data.robustness import CORRUPTIONS, class_subset, corruption
 from convnext_train.data.transforms import eval_transform
 from convnext_train.errors import UserError
 from convnext_train.imagenet_c import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, corruption_errors
+from convnext_train.inference import Inference
 from convnext_train.robustness import Scorer, score_sets
 from convnext_train.robustness import format_table as robustness_table
-from convnext_train.runtime import autocast
 
 IMG = 32
 POOL = 40  # distinct images; the trees reuse them
@@ -245,7 +244,7 @@ def trees(oracle, module_tmp_path) -> Trees:
 
 
 def scorer(model) -> Scorer:
-    return Scorer(model, torch.device("cpu"), partial(autocast, "fp32", "cpu"), torch.contiguous_format, 16, 0)
+    return Scorer(model, Inference(torch.device("cpu"), channels_last=False, batch_size=16, num_workers=0))
 
 
 def set_cfg(kind: str, root: Path, **extra):

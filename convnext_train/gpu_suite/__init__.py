@@ -10,7 +10,7 @@ did) and `<out>/report.md` (rewritten after each item; its tables paste into BEN
 1. correctness: the device's training step and logits against the CPU's fp32 ones
    (`checks`), the batch augmentations on the device, a `train.py data=synthetic` run killed
    and resumed against an uninterrupted one, and the repository's CUDA-only tests (`-m cuda`).
-2. throughput: ours against timm's build in the same loop, interleaved (`bench.measure`):
+2. throughput: ours against timm's build in the same loop, interleaved (`measure.measure`):
    training steps of T/S/B at 224 (bf16, channels-last, eager and compiled) with MFU, inference of
    T/S/B/L (the paper's Table 12: TF32 and bf16), peak memory, and the largest micro-batch that
    fits for T/B/L.

@@ -16,7 +16,7 @@ from typing import Any
 import timm
 import torch
 
-from convnext_train import bench
+from convnext_train import bench, measure
 from convnext_train.errors import UserError, exit_on_user_error
 from convnext_train.gpu_suite import __doc__ as SUITE_DOC
 from convnext_train.gpu_suite.checks import check_batch_augment, check_inference, check_training_step
@@ -87,7 +87,7 @@ def environment(device: torch.device, plan: Plan) -> dict[str, Any]:
         "section": "environment",
         "name": "environment",
         "status": "measured",
-        "device": bench.device_name(device),
+        "device": measure.device_name(device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from convnext_train import bench
+from convnext_train import bench, measure
 from convnext_train.distributed import Processes
 from convnext_train.engine import LossWindow, optimizer_step
 from convnext_train.gpu_suite.plan import EPOCHS, IMAGENET_TRAIN_IMAGES, Plan, release_device_memory
@@ -29,7 +29,7 @@ def throughput_item(plan: Plan, mode: str, variant: str, precision: str, compile
         torch.set_float32_matmul_precision("high")
     try:
         ours, rival = run(cfg, variant, options)
-        peak = bench.dense_peak_tflops(bench.device_name(device), bench.math_precision(cfg.trainer.precision))
+        peak = measure.dense_peak_tflops(measure.device_name(device), measure.math_precision(cfg.trainer.precision))
     finally:
         torch.set_float32_matmul_precision("highest")
     with torch.device("meta"):
@@ -37,7 +37,7 @@ def throughput_item(plan: Plan, mode: str, variant: str, precision: str, compile
     result: dict[str, Any] = {"status": "measured", "mode": mode, "model": variant, "precision": precision}
     result |= {"compiled": compiled, "batch": batch, "gmacs_per_image": gmacs, "peak_tflops": peak}
     for m in (ours, rival):
-        mfu = bench.model_flops_utilisation(m.images_per_sec, gmacs, training=mode == "step", peak_tflops=peak)
+        mfu = measure.model_flops_utilisation(m.images_per_sec, gmacs, training=mode == "step", peak_tflops=peak)
         result[m.name] = {
             "images_per_sec": m.images_per_sec,
             "step_ms": m.step_seconds * 1e3,
@@ -52,7 +52,7 @@ def fits(plan: Plan, variant: str, batch: int, device: torch.device) -> tuple[bo
     """Whether one training step (the plan's precision, channels-last) at micro-batch `batch` fits,
     and its peak GB."""
     cfg, _ = bench.compose_config("step", plan.overrides(variant, batch, plan.precisions[0], False, device))
-    bench.reset_peak_memory(device)
+    measure.reset_peak_memory(device)
     try:
         peak = one_training_step(cfg, device)
         fitted = True
@@ -71,8 +71,8 @@ def one_training_step(cfg, device: torch.device) -> int | None:
     images = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=parts.memory_format)
     targets = torch.randint(0, cfg.data.num_classes, (n,), device=device)
     optimizer_step(parts, iter([(images, targets, torch.zeros(n, dtype=torch.bool))]), LossWindow(device, 0), 0)
-    bench.synchronize(device)
-    return bench.peak_memory_bytes(device)
+    measure.synchronize(device)
+    return measure.peak_memory_bytes(device)
 
 
 def largest_batch_item(plan: Plan, variant: str, device: torch.device) -> dict[str, Any]:
