@@ -3,11 +3,11 @@ is, with its class names and the preprocessing size it was trained at; and how s
 (`Inference`: device, precision, memory layout, batch size, decoding workers).
 
 The architecture comes, first to last, from `model=` on the command line, our training checkpoint's
-saved `config`, a Hugging Face directory's config.json, or the weights' own shapes: depths and widths
-can be read off the official layout (which every supported format converts to), and the conf/model
-config of that size is the one that fits (`weights.loading` already matches config.json to it;
-the same lookup serves here). The class count is the head's. An explicit `model=` that does not fit
-names the one that does, rather than the tensors that differ.
+saved `config`, or the weights' own shapes: `weights.loading.Architecture` reads the model class and
+size off the official layout (which every supported format converts to) and finds the conf/model
+config that has them, the same reading that load_weights checks every model against. The class
+count is the head's. An explicit `model=` that does not fit names the one that does, before it is
+built, rather than the tensors that differ.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from convnext_train.errors import UserError
 from convnext_train.models import build_model
 from convnext_train.runtime import autocast
 from convnext_train.weights import CheckpointError, load_weights, read_checkpoint, state_dict_from_checkpoint
-from convnext_train.weights.layouts import architecture, is_v2, to_official
-from convnext_train.weights.loading import variant_named
+from convnext_train.weights.layouts import to_official
+from convnext_train.weights.loading import Architecture
 
 
 @dataclass(frozen=True)
@@ -88,24 +88,25 @@ def load_checkpoint_model(
             f"{path} has a {head_classes}-class head but data.num_classes={num_classes}; "
             f"set data.num_classes={head_classes}, or leave it out to take the checkpoint's."
         )
-    shape = architecture(weights)
-    family = "convnextv2" if is_v2(weights) else "convnext"
-    fits = variant_named(family, *shape) if shape is not None else None
+    shape = Architecture.of(weights)
+    fits = shape.variant() if shape is not None else None
     saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else {}
 
     if model_cfg is not None:
-        _refuse_other_architecture(path, model_cfg, chosen_variant, fits, shape, family)
+        _refuse_other_architecture(path, model_cfg, chosen_variant, fits, shape)
         cfg, variant = model_cfg.copy(), chosen_variant or _class_name(model_cfg)
     elif isinstance(saved.get("model"), Mapping):
         cfg = OmegaConf.create(dict(saved["model"]))
         variant = fits or _class_name(cfg)
     elif fits is not None:
         cfg, variant = configs.load("model", fits), fits
-    else:
-        size = f"depths {shape[0]}, dims {shape[1]}" if shape else "isotropic"
+    elif shape is not None:
         raise UserError(
-            f"cannot tell which model {path} holds (a {family} of {size}, which no conf/model config has): "
-            "pass model=<variant> and its model.depths / model.dims"
+            f"cannot tell which model {path} holds ({shape}, which no conf/model config has): pass {shape.overrides()}"
+        )
+    else:
+        raise UserError(
+            f"cannot tell which model {path} holds (its weights are not named as a ConvNeXt's): pass model=<variant>"
         )
     cfg.num_classes = head_classes
     model = build_model(cfg)
@@ -133,13 +134,14 @@ def class_names(checkpoint: Mapping[str, Any], count: int) -> list[str]:
     return [f"class {i}" for i in range(count)]
 
 
-def _refuse_other_architecture(path, model_cfg, chosen_variant, fits, shape, family) -> None:
-    """One line naming the variant that fits, where load_state_dict would list every tensor."""
+def _refuse_other_architecture(path, model_cfg, chosen_variant, fits, shape) -> None:
+    """One line naming the variant that fits, before the chosen one is built for real; the rest
+    (a size no config names, another class count) is load_weights' to say, as for every caller."""
     with_meta = OmegaConf.merge(model_cfg, {"num_classes": 1})
     with torch.device("meta"):
-        ours = build_model(with_meta).state_dict()
-    if fits is None or (architecture(ours) == shape and is_v2(ours) == (family == "convnextv2")):
-        return  # the same size (or one no config names): loading says what differs, if anything
+        ours = Architecture.of(build_model(with_meta).state_dict())
+    if fits is None or ours == shape:
+        return
     chosen = chosen_variant or _class_name(model_cfg)
     raise CheckpointError(
         f"this checkpoint ({path}) is a {fits}, a different architecture than model={chosen} (its tensor shapes "

@@ -1,4 +1,5 @@
-"""torchvision checkpoints and Hugging Face model directories, built with the real libraries.
+"""torchvision checkpoints and Hugging Face model directories, built with the real libraries, and
+checkpoints of every format that are for another model than the one they are loaded into.
 
 torchvision's weights come from `torchvision.models.convnext_tiny` itself (its smallest ConvNeXt);
 the Hugging Face directories are written by `save_pretrained` (safetensors, whole or sharded) and by
@@ -9,6 +10,7 @@ layer scale (1e-6) or LayerNorm (1, 0) cannot hide a wrongly mapped tensor.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shlex
@@ -16,10 +18,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.distributed.checkpoint as dcp
 import torchvision
-from conftest import build_model, randomize_
+from conftest import build_model, randomize_, run_script
 from huggingface_hub import save_torch_state_dict, try_to_load_from_cache
 from torch import nn
 from transformers import (
@@ -29,6 +32,8 @@ from transformers import (
     ConvNextV2ForImageClassification,
 )
 
+from convnext_train import configs
+from convnext_train.inference import load_checkpoint_model
 from convnext_train.weights import (
     CheckpointError,
     detect_format,
@@ -122,6 +127,142 @@ def test_torchvision_tiny_loads_into_convnext_t_and_exports_back(tmp_path, image
 def test_models_torchvision_does_not_build_are_refused_in_one_line(tmp_path, variant, match):
     one_line_error(export_torchvision, build_model(variant, device="meta"), tmp_path / "x.pth", match=match)
     assert not (tmp_path / "x.pth").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# A checkpoint for another model: any format names the model= that fits
+# --------------------------------------------------------------------------------------------------
+def meta_built(build, *args, **kwargs) -> nn.Module:
+    """A library's model with uninitialised CPU tensors: the real names and shapes, without the
+    seconds that random initialisation of ConvNeXt-S's 50M parameters takes here."""
+    with torch.device("meta"):
+        model = build(*args, **kwargs)
+    return model.to_empty(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_files(module_tmp_path) -> dict[str, Path]:
+    """ConvNeXt-S as torchvision and timm save it; a checkpoint of timm's train.py (a dict with the
+    EMA beside the weights, here of ConvNeXt-atto) and timm's ConvNeXt V2-atto."""
+    files = {name: module_tmp_path / f"{name}.pth" for name in ("torchvision", "timm", "timm-train", "timm-v2")}
+    torch.save(meta_built(torchvision.models.convnext_small, weights=None).state_dict(), files["torchvision"])
+    torch.save(meta_built(timm.create_model, "convnext_small").state_dict(), files["timm"])
+    atto = meta_built(timm.create_model, "convnext_atto")
+    torch.save(
+        {"epoch": 3, "arch": "convnext_atto", "state_dict": atto.state_dict(), "state_dict_ema": atto.state_dict()},
+        files["timm-train"],
+    )
+    torch.save(meta_built(timm.create_model, "convnextv2_atto").state_dict(), files["timm-v2"])
+    return files
+
+
+SMALL = r"holds a ConvNeXt with depths \[3, 3, 27, 3\] and dims \[96, 192, 384, 768\], but the model is "
+
+
+@pytest.mark.parametrize("load", [load_weights, load_pretrained])
+def test_torchvision_and_timm_files_of_another_size_name_the_model_that_fits(small_files, load):
+    tiny = build_model("convnext_t", device="meta")
+    for name in ("torchvision", "timm"):
+        one_line_error(
+            load,
+            tiny,
+            small_files[name],
+            match=SMALL + r"a ConvNeXt with depths \[3, 3, 9, 3\].*; use model=convnext_s\.$",
+        )
+    femto = build_model("convnext_femto", device="meta")
+    for use_ema in (False, True):
+        one_line_error(
+            functools.partial(load, use_ema=use_ema),
+            femto,
+            small_files["timm-train"],
+            match="use model=convnext_atto\\.$",
+        )
+    iso = build_model("convnext_iso_s", device="meta")
+    one_line_error(
+        load,
+        iso,
+        small_files["torchvision"],
+        match=SMALL + "an isotropic ConvNeXt with depth 18 and dim 384; use model=convnext_s",
+    )
+
+    # ConvNeXt V2 (GRN) against V2 of another size, and against V1 of the same size.
+    v2_atto = r"holds a ConvNeXt V2 with depths \[2, 2, 6, 2\] and dims \[40, 80, 160, 320\], but the model is "
+    femto = build_model("convnextv2_femto", device="meta")
+    one_line_error(
+        load,
+        femto,
+        small_files["timm-v2"],
+        match=v2_atto + r"a ConvNeXt V2 .*\[48, 96, 192, 384\]; use model=convnextv2_atto\.",
+    )
+    atto_v1 = build_model("convnext_atto", device="meta")
+    one_line_error(
+        load, atto_v1, small_files["timm-v2"], match=v2_atto + r"a ConvNeXt with .*; use model=convnextv2_atto\."
+    )
+
+
+def test_isotropic_weights_name_their_model_too():
+    iso_s = build_model("convnext_iso_s", device="meta").state_dict()
+    odd = build_model("convnext_iso_s", device="meta", depth=2, dim=16).state_dict()
+    atto = build_model("convnext_atto", device="meta")
+    for load in (load_weights, load_pretrained):
+        one_line_error(
+            load, atto, iso_s, match="holds an isotropic ConvNeXt with depth 18 and dim 384, .*use model=convnext_iso_s"
+        )
+        one_line_error(
+            load,
+            atto,
+            odd,
+            match=r"no conf/model config has that size: pass model=convnext_iso_b model.depth=2 model.dim=16\.$",
+        )
+
+
+def test_same_size_with_another_class_count_asks_for_data_num_classes(small_files):
+    """eval's path needs the checkpoint's class count; fine-tuning re-initialises the head."""
+    four_classes = empty("convnext_s", num_classes=4)
+    one_line_error(
+        load_weights,
+        four_classes,
+        small_files["torchvision"],
+        match="1000-class head but the model 4 classes; set data.num_classes=1000 ",
+    )
+    assert load_pretrained(four_classes, small_files["torchvision"])
+
+
+def test_eval_and_predict_given_another_model_name_the_one_that_fits(small_files):
+    given = functools.partial(load_checkpoint_model, chosen_variant="convnext_t")
+    one_line_error(
+        given,
+        small_files["timm"],
+        configs.load("model", "convnext_t"),
+        match="is a convnext_s, a different architecture than model=convnext_t .*: add model=convnext_s",
+    )
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_file_of_another_size_stops_before_training_naming_the_model(small_files, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "train.py",
+        "model=convnext_t",
+        "data=synthetic",
+        "data.num_classes=4",
+        "data.img_size=32",
+        "data.train_length=32",
+        "data.val_length=16",
+        "data.num_workers=0",
+        "trainer.global_batch_size=16",
+        "trainer.micro_batch_size=8",
+        "trainer.precision=fp32",
+        f"finetune.checkpoint={small_files['torchvision']}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: The checkpoint holds a ConvNeXt with depths [3, 3, 27, 3]") and message.endswith(
+        "use model=convnext_s."
+    ), message
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()  # nothing trained
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +370,7 @@ def test_hub_cache_snapshot_and_repository_directory_load(tmp_path, images):
     one_line_error(read_checkpoint, repo, match="refs/main names the snapshot c+, which is not in")
 
 
-def test_a_config_of_another_size_or_family_names_the_model_that_fits(tmp_path):
+def test_a_hugging_face_directory_of_another_size_or_family_names_the_model_that_fits(tmp_path):
     femto = save_hf(hf_model("v2", depths=[2, 2, 6, 2], hidden_sizes=[48, 96, 192, 384]), tmp_path / "f", "safetensors")
     atto_v1 = save_hf(hf_model("v1"), tmp_path / "v1", "safetensors")
     odd = save_hf(hf_model("v2", depths=[1, 1, 2, 1], hidden_sizes=[8, 16, 24, 32]), tmp_path / "odd", "safetensors")
@@ -237,16 +378,23 @@ def test_a_config_of_another_size_or_family_names_the_model_that_fits(tmp_path):
 
     for load in (load_weights, load_pretrained):
         message = one_line_error(load, atto_v2, femto, match="use model=convnextv2_femto")
-        assert "hidden_sizes [48, 96, 192, 384]" in message and "dims [40, 80, 160, 320]" in message
-        one_line_error(load, atto_v2, atto_v1, match=r"describes a ConvNeXt with .*use model=convnext_atto\.")
-        one_line_error(load, atto_v2, odd, match=r"no conf/model config has that size.*model.depths=\[1, 1, 2, 1\]")
+        assert "dims [48, 96, 192, 384], but the model" in message and "dims [40, 80, 160, 320];" in message
+        one_line_error(load, atto_v2, atto_v1, match=r"holds a ConvNeXt with .*use model=convnext_atto\.")
+        one_line_error(
+            load,
+            atto_v2,
+            odd,
+            match=r"no conf/model config has that size: pass model=convnextv2_atto model.depths=\[1,1,2,1\]",
+        )
     iso = build_model("convnext_iso_s", device="meta", num_classes=CLASSES)
-    one_line_error(load_weights, iso, atto_v1, match="the model is an isotropic ConvNeXt; use model=convnext_atto")
+    one_line_error(
+        load_weights, iso, atto_v1, match="the model is an isotropic ConvNeXt with .*; use model=convnext_atto"
+    )
 
     # Another class count: eval.py needs data.num_classes; fine-tuning re-initialises the head.
     four_classes = empty("convnext_atto", num_classes=4)
     one_line_error(
-        load_weights, four_classes, atto_v1, match="10 labels but the model 4 classes; set data.num_classes=10"
+        load_weights, four_classes, atto_v1, match="10-class head but the model 4 classes; set data.num_classes=10"
     )
     assert load_pretrained(four_classes, atto_v1)
 

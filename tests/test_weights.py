@@ -406,21 +406,32 @@ def test_safetensors_refuses_non_tensor_values_before_writing(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Loading: architecture mismatches, wrapper prefixes, EMA
 # --------------------------------------------------------------------------------------------------
-def test_checkpoint_for_a_wider_model_names_the_shape_mismatches():
+def test_checkpoint_for_a_size_no_config_has_names_the_overrides_that_build_it():
     wider = ConvNeXt(depths=DEPTHS, dims=(8, 16, 24, 48), num_classes=NUM_CLASSES)
-    with pytest.raises(CheckpointError, match="different architecture") as error:
+    with pytest.raises(CheckpointError, match="no conf/model config has that size") as error:
         load_weights(ours("v1"), {"model": wider.state_dict()})
-    message = str(error.value)
-    assert "shape mismatches" in message
-    assert "downsample_layers.3.1.weight (checkpoint [48, 24, 2, 2], model [32, 24, 2, 2])" in message
+    assert str(error.value).endswith("pass model=convnext_atto model.depths=[1,1,2,1] model.dims=[8,16,24,48].")
 
 
-def test_v1_checkpoint_in_a_v2_model_names_missing_and_unexpected_keys():
-    with pytest.raises(CheckpointError, match="different architecture") as error:
+def test_v1_checkpoint_in_a_v2_model_names_the_family():
+    with pytest.raises(CheckpointError, match="holds a ConvNeXt with .* but the model is a ConvNeXt V2 with") as error:
         load_weights(ours("v2"), {"model": ours("v1").state_dict()})
-    message = str(error.value)
-    assert "missing keys: stages.0.0.grn.gamma" in message
-    assert "unexpected keys: stages.0.0.gamma" in message
+    assert str(error.value).endswith("pass model=convnext_atto model.depths=[1,1,2,1] model.dims=[8,16,24,32].")
+
+
+def test_what_else_differs_is_listed_by_name():
+    """Same class and size, other options: the tensors that differ are the clearest account."""
+    one_channel = ConvNeXt(depths=DEPTHS, dims=DIMS, num_classes=NUM_CLASSES, in_chans=1)
+    with pytest.raises(CheckpointError, match="different architecture") as error:
+        load_weights(ours("v1"), {"model": one_channel.state_dict()})
+    assert "shape mismatches: downsample_layers.0.0.weight (checkpoint [8, 1, 4, 4], model [8, 3, 4, 4])" in str(
+        error.value
+    )
+    with pytest.raises(CheckpointError, match="different architecture") as error:
+        load_weights(ours("v1-no-layer-scale"), {"model": ours("v1").state_dict()})
+    assert "unexpected keys: stages.0.0.gamma" in str(error.value)
+    with pytest.raises(CheckpointError, match="missing keys: stages.0.0.gamma"):
+        load_weights(ours("v1"), {"model": ours("v1-no-layer-scale").state_dict()})
 
 
 def test_ddp_and_compile_prefixes_are_stripped(images):

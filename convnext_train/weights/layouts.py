@@ -5,7 +5,7 @@ One section per layout: timm, Hugging Face `transformers`, torchvision, ConvNeXt
 pre-training (read only); then `detect_format` and `to_official`, which dispatch on them. A new
 layout is a new section with its `*_to_official`, one marker in `detect_format` and one entry in
 `to_official`'s table. `architecture` reads the depths and widths off official weights, for the
-exports and for checking a Hugging Face config against a model.
+exports and for telling which model a checkpoint is for (`loading.Architecture`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ __all__ = [
     "detect_format",
     "fcmae_to_official",
     "hf_to_official",
+    "is_isotropic",
+    "is_v2",
     "official_to_hf",
     "official_to_timm",
     "official_to_torchvision",
@@ -72,12 +74,12 @@ def _rename(name: str, rules: _Rules) -> str:
     return name
 
 
-def _is_isotropic(state_dict: Mapping[str, Tensor]) -> bool:
+def is_isotropic(state_dict: Mapping[str, Tensor]) -> bool:
     return "stem.weight" in state_dict or any(name.startswith("blocks.") for name in state_dict)
 
 
 def _reject_isotropic(state_dict: Mapping[str, Tensor], target: str) -> None:
-    if _is_isotropic(state_dict):
+    if is_isotropic(state_dict):
         raise CheckpointError(
             f"This is an isotropic ConvNeXt checkpoint, which has no {target} equivalent; keep it in the "
             "official format."
@@ -86,7 +88,7 @@ def _reject_isotropic(state_dict: Mapping[str, Tensor], target: str) -> None:
 
 def architecture(state_dict: Mapping[str, Tensor]) -> tuple[list[int], list[int]] | None:
     """(depths, dims) of official hierarchical weights (V1 or V2); None for an isotropic model."""
-    if _is_isotropic(state_dict):
+    if is_isotropic(state_dict):
         return None
     stages = range(4)
     # The stem is the first downsampling layer, conv then norm; the others are norm then conv.

@@ -3,24 +3,34 @@ loaded strictly, with a one-line error when they do not fit.
 
 `load_weights` is for evaluation (every tensor must fit); `load_pretrained` starts fine-tuning
 (a head for another class count, or FCMAE's missing head and norm, keep their initialisation).
-A Hugging Face directory's config.json is checked against the model first, so that a checkpoint of
-another size says which `model=` it is rather than listing the tensors that differ.
+Whatever the format, the converted weights are checked against the model first (`Architecture`):
+a checkpoint of another family or size says which `model=` it is, rather than listing the tensors
+that differ; the list is for what else can differ (layer scale, input channels).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from convnext_train import configs
 from convnext_train.weights.errors import CheckpointError
 from convnext_train.weights.files import read_checkpoint
-from convnext_train.weights.layouts import FCMAE_MISSING, architecture, detect_format, is_v2, to_official
+from convnext_train.weights.layouts import (
+    FCMAE_MISSING,
+    architecture,
+    detect_format,
+    is_isotropic,
+    is_v2,
+    to_official,
+)
 
-__all__ = ["load_pretrained", "load_weights", "state_dict_from_checkpoint", "variant_named"]
+__all__ = ["Architecture", "load_pretrained", "load_weights", "state_dict_from_checkpoint"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,8 +99,8 @@ def load_weights(
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint, trusted=trusted)
-    _check_hf_config(model, checkpoint, labels=True)
     state_dict = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
+    _check_same_model(model, state_dict, classes=True)
     _check_fits(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
 
@@ -108,9 +118,9 @@ def load_pretrained(
     (no head, no final norm) leaves those initialised too. Returns whether the head was."""
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint, trusted=trusted)
-    _check_hf_config(model, checkpoint, labels=False)
     raw = state_dict_from_checkpoint(checkpoint, use_ema=use_ema)
     state_dict = to_official(raw)
+    _check_same_model(model, state_dict, classes=False)
     fresh = model.state_dict()
     head_differs = any(
         k in state_dict and state_dict[k].shape != fresh[k].shape for k in fresh if k.startswith("head.")
@@ -123,6 +133,25 @@ def load_pretrained(
     _check_fits(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
     return "head." in keep_fresh
+
+
+def _check_same_model(model: nn.Module, state_dict: Mapping[str, Tensor], *, classes: bool) -> None:
+    """One line naming the `model=` that fits when the (official-layout) weights are for another
+    family or size than `model`; with `classes`, one naming data.num_classes when only the head's
+    class count differs (fine-tuning re-initialises the head instead)."""
+    ours = model.state_dict()
+    theirs, mine = Architecture.of(state_dict), Architecture.of(ours)
+    if theirs is not None and mine is not None and theirs != mine:
+        variant = theirs.variant()
+        fix = f"use model={variant}" if variant else f"no conf/model config has that size: pass {theirs.overrides()}"
+        raise CheckpointError(f"The checkpoint holds {theirs}, but the model is {mine}; {fix}.")
+    if classes and "head.weight" in state_dict and "head.weight" in ours:
+        count, ours_count = state_dict["head.weight"].shape[0], ours["head.weight"].shape[0]
+        if count != ours_count:
+            raise CheckpointError(
+                f"The checkpoint has a {count}-class head but the model {ours_count} classes; set "
+                f"data.num_classes={count} (or fine-tune from it with finetune.checkpoint, which re-initialises the head)."
+            )
 
 
 def _check_fits(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
@@ -146,55 +175,57 @@ def _check_fits(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# A Hugging Face directory's config.json against the model
+# Which model a set of weights is for
 # --------------------------------------------------------------------------------------------------
-_FAMILIES = {"convnext": "ConvNeXt", "convnextv2": "ConvNeXt V2"}
+# Our model classes (a conf/model config's `_target_`, last part) as a message names them.
+_FAMILIES = {"ConvNeXt": "a ConvNeXt", "ConvNeXtV2": "a ConvNeXt V2", "ConvNeXtIsotropic": "an isotropic ConvNeXt"}
 
 
-def _check_hf_config(model: nn.Module, checkpoint: Mapping[str, Any], *, labels: bool) -> None:
-    """One line naming the `model=` that fits when config.json describes another family, depth or width;
-    with `labels`, also when its class count is not the model's (fine-tuning replaces the head)."""
-    config = (checkpoint.get("hf_config") if isinstance(checkpoint, Mapping) else None) or {}
-    if config.get("model_type") not in _FAMILIES:
-        return  # not a ConvNeXt config (or none): the weights' own names will say what differs
-    family = _FAMILIES[config["model_type"]]
-    depths, dims = list(config.get("depths", [])), list(config.get("hidden_sizes", []))
-    ours = model.state_dict()
-    shape = architecture(ours)
-    same_family = shape is not None and is_v2(ours) == (config["model_type"] == "convnextv2")
-    if not same_family or shape != (depths, dims):
-        this = (
-            "an isotropic ConvNeXt"
-            if shape is None
-            else f"a {_FAMILIES['convnextv2' if is_v2(ours) else 'convnext']} with depths {shape[0]}, dims {shape[1]}"
-        )
-        variant = variant_named(config["model_type"], depths, dims)
-        fix = (
-            f"use model={variant}"
-            if variant
-            else f"no conf/model config has that size: pass a {family} model= with model.depths={depths} "
-            f"model.dims={dims}"
-        )
-        raise CheckpointError(
-            f"config.json describes a {family} with depths {depths} and hidden_sizes {dims}, but the model is "
-            f"{this}; {fix}."
-        )
-    classes = ours["head.weight"].shape[0]
-    # transformers writes the class count as the id2label table; older configs say num_labels.
-    num_labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", classes)
-    if labels and num_labels != classes:
-        raise CheckpointError(
-            f"config.json has {num_labels} labels but the model {classes} classes; set data.num_classes={num_labels} "
-            "(or fine-tune from it with finetune.checkpoint, which re-initialises the head)."
-        )
+@dataclass
+class Architecture:
+    """The model class and size arguments that official-layout weights were made by: what a
+    conf/model config must say for them to load. Read off the tensors, so every format (ours, the
+    official release, timm, torchvision, Hugging Face, FCMAE) is judged alike once converted."""
+
+    target: str  # the class in `_target_`: "ConvNeXt", "ConvNeXtV2" or "ConvNeXtIsotropic"
+    size: tuple[tuple[str, Any], ...]  # its size arguments in order: depths, dims (isotropic: depth, dim)
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, Tensor]) -> Architecture | None:
+        """None when the names are not those of our models (another network, or a partial file):
+        then only the tensor-by-tensor comparison can say what differs."""
+        try:
+            if is_isotropic(state_dict):
+                blocks = {name.split(".")[1] for name in state_dict if name.startswith("blocks.")}
+                return cls("ConvNeXtIsotropic", (("depth", len(blocks)), ("dim", state_dict["stem.weight"].shape[0])))
+            depths, dims = architecture(state_dict)
+        except KeyError:
+            return None
+        return cls("ConvNeXtV2" if is_v2(state_dict) else "ConvNeXt", (("depths", depths), ("dims", dims)))
+
+    def __str__(self) -> str:
+        sizes = " and ".join(f"{key} {value}" for key, value in self.size)
+        return f"{_FAMILIES[self.target]} with {sizes}"
+
+    def variant(self) -> str | None:
+        """The conf/model config of this class and size, if there is one."""
+        return next(iter(self._configs(same_size=True)), None)
+
+    def overrides(self) -> str:
+        """The command-line words that build this architecture from a config of its class."""
+        example = next(iter(self._configs(same_size=False)), "<variant>")
+        sizes = " ".join(f"model.{key}={_override_value(value)}" for key, value in self.size)
+        return f"model={example} {sizes}"
+
+    def _configs(self, *, same_size: bool):
+        for name in configs.options("model"):
+            cfg = OmegaConf.to_container(configs.load("model", name))
+            if str(cfg.get("_target_", "")).rsplit(".", 1)[-1] != self.target:
+                continue
+            if not same_size or all(cfg.get(key) == value for key, value in self.size):
+                yield name
 
 
-def variant_named(model_type: str, depths: list[int], dims: list[int]) -> str | None:
-    """The conf/model config of this family and size, if there is one."""
-    target = "ConvNeXtV2" if model_type == "convnextv2" else "ConvNeXt"
-    for name in configs.options("model"):
-        cfg = configs.load("model", name)
-        same_size = list(cfg.get("depths", [])) == depths and list(cfg.get("dims", [])) == dims
-        if same_size and cfg.get("_target_", "").rsplit(".", 1)[-1] == target:
-            return name
-    return None
+def _override_value(value: Any) -> str:
+    # No spaces, so that the override is one shell word: model.depths=[3,3,9,3].
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
