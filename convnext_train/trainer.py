@@ -2,10 +2,11 @@
 
     python train.py model=convnext_t data.root=/datasets/imagenet
 
-The run directory (Hydra's, `hydra.run.dir`) holds `metrics.jsonl`, `summary.json`, `run.lock` and
-`checkpoints/`. Running the same command in the same directory resumes where it stopped; the
-`Checkpointer` (convnext_train/checkpointing) owns everything about that, and this module is its
-only caller of `save`.
+The run directory (Hydra's, `hydra.run.dir`) holds `metrics.jsonl`, `summary.json`, `run.lock`,
+`checkpoints/` and `.hydra/` (the command, written only once the lock is held: command_record.py).
+Running the same command in the same directory resumes where it stopped; the `Checkpointer`
+(convnext_train/checkpointing) owns everything about that, and this module is its only caller of
+`save`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from convnext_train import preemption
 from convnext_train.checkpointing import Checkpointer
 from convnext_train.checkpointing.state import EmaState, ModelState, OptimizerState, RngStreams
+from convnext_train.command_record import CommandRecord
 from convnext_train.config import validate_train_config
 from convnext_train.data.sources import LoaderArgs, build_loaders
 from convnext_train.distributed import (
@@ -157,6 +159,7 @@ class Run:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     preemption.install()  # train.py did already; idempotent, for callers that come in here directly
+    command = CommandRecord.capture(cfg)  # before validation resolves cfg in place
     t = cfg.trainer
     validate_train_config(cfg, world_size=launch_environment().world_size)
     processes = init_processes(resolve_device(t.device).type, t.dist_timeout_minutes, t.slow_work_timeout_minutes)
@@ -165,6 +168,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir, ignored = Path(hydra.runtime.output_dir), list(hydra.job.config.override_dirname.exclude_keys)
         # Before any compute: the run directory's lock, and the recipe of the checkpoint to resume from.
         with Checkpointer(run_dir, cfg, processes, ignored_keys=ignored) as checkpointer:
+            # Here, not in the Checkpointer (which knows nothing of Hydra): the lock is held and the
+            # recipe accepted, so a refused job never reaches this line and leaves the record alone.
+            if processes.is_main:
+                command.write(run_dir)
             return train(build_run(cfg, run_dir, processes, checkpointer))
     except RuntimeError as error:
         raise_if_timeout(error, processes)  # a collective timed out: name the rank that stopped answering

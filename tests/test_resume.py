@@ -5,6 +5,7 @@ bitwise, or stops with one clear message before anything is lost."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -104,6 +105,23 @@ def records(run_dir: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.lstat().st_ino, p.lstat().st_size) for p in paths if p.exists()}
 
 
+def contents(run_dir: Path) -> dict[str, str]:
+    """Every entry under a run directory, Hydra's `.hydra/` and any log included: a file's SHA-256, a
+    link's target, a folder as such (the bytes, not the times: a refused job must change nothing)."""
+    found = {}
+    for folder, folders, files in os.walk(run_dir):
+        for name in folders + files:
+            path = Path(folder) / name
+            key = str(path.relative_to(run_dir))
+            if path.is_symlink():
+                found[key] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                found[key] = "folder"
+            else:
+                found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
 # --------------------------------------------------------------------------------------------------
 # Killed, stopped, started twice
 # --------------------------------------------------------------------------------------------------
@@ -142,12 +160,18 @@ def test_a_second_job_is_refused_and_sigterm_saves_at_the_next_step_then_the_rer
         # The first job stands still (it keeps its lock): a second one in its directory must stop at
         # once, naming it, and touch nothing of it.
         first.send_signal(signal.SIGSTOP)
-        before = records(run_dir)
+        before, everything = records(run_dir), contents(run_dir)
+        assert ".hydra/overrides.yaml" in everything  # the first job's record of its command
         started = time.monotonic()
-        second = run_script("train.py", *args)
+        # Another value of a key the directory's name leaves out: the same directory, another command,
+        # which must not replace the first job's .hydra/ copy of its own.
+        second = run_script("train.py", *args, "trainer.log_every=7")
         assert_user_error(second, "is in use by another run", f"pid {first.pid} on ", "hydra.run.dir")
         assert time.monotonic() - started < 60
         assert records(run_dir) == before
+        after = contents(run_dir)
+        changed = sorted(key for key in everything.keys() | after.keys() if everything.get(key) != after.get(key))
+        assert not changed, f"the refused job changed {changed}"
         first.send_signal(signal.SIGCONT)
 
         wait_for(run_dir / "checkpoints" / "step_000000005.pt", first)

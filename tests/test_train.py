@@ -120,6 +120,15 @@ def test_run_writes_metrics_summary_and_checkpoints(finished_run):
     assert (checkpoints / "best.pt").exists() and (checkpoints / "best_ema.pt").exists()
     assert not list(checkpoints.glob("*.tmp*")) and not list(checkpoints.glob(".*"))
 
+    # Hydra's record of the command, written by the trainer once it holds the lock (command_record.py),
+    # and no job log file, which Hydra would open before the lock (conf/hydra/job_logging/console.yaml).
+    record = run_dir / ".hydra"
+    assert "checkpoint.every_minutes=0.0001" in yaml.safe_load((record / "overrides.yaml").read_text())
+    config = yaml.safe_load((record / "config.yaml").read_text())
+    assert config["trainer"]["global_batch_size"] == 16 and "hydra" not in config
+    assert yaml.safe_load((record / "hydra.yaml").read_text())["hydra"]["run"]["dir"] == str(run_dir)
+    assert not list(run_dir.glob("*.log"))
+
 
 def test_lr_of_every_step_equals_the_official_schedule(finished_run):
     run_dir, _ = finished_run
@@ -136,6 +145,9 @@ def test_rerunning_a_finished_run_does_nothing(finished_run, tiny_imagefolder):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "nothing to do" in result.stdout
     assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+    # The job that resumed (holding the lock) records its own command, as Hydra did before.
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "trainer.epochs=2" in overrides and "checkpoint.every_minutes=0.0001" not in overrides
 
 
 def test_the_run_directory_is_named_by_what_changes_the_training_only():
