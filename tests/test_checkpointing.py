@@ -4,6 +4,7 @@ sharded checkpoint read safely, and the agreement between ranks (real gloo proce
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import signal
@@ -338,3 +339,143 @@ def test_a_rank_that_hangs_while_rank_0_saves_is_named_within_the_loop_timeout(t
         assert waited < 20, line
         assert "rank 1 (pid " in line and "stopped responding" in line, line
         assert "trainer.dist_timeout_minutes" in line, line
+
+
+# --------------------------------------------------------------------------------------------------
+# A rank that hangs inside a sharded save (real gloo processes, a real SIGSTOP)
+# --------------------------------------------------------------------------------------------------
+class _WrittenBy:
+    """A value of rank 1's shard whose writing (DCP pickles it inside the save, on the thread that
+    writes) takes a while ("slow": 8 s, longer than the 3 s loop timeout) or stops the whole process
+    a second into it ("hung": SIGSTOP, what a frozen or deadlocked process looks like to its peers)."""
+
+    def __init__(self, fault: str):
+        self.fault = fault
+
+    def __reduce__(self):
+        if self.fault == "slow":
+            time.sleep(8)
+        else:
+            time.sleep(1)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return (collections.OrderedDict, ())  # what a weights-only read allows
+
+    def __deepcopy__(self, memo):  # an async save stages a copy first: the copy writes the same way
+        return self
+
+
+class _Shards:
+    """Each rank's own tensor (as FSDP shards would be), and on rank 1 the value above."""
+
+    def __init__(self, rank: int, fault: str):
+        self.weight = torch.full((4,), float(rank))
+        self.extra = {"slow_value": _WrittenBy(fault)} if rank == 1 else {}
+        self.rank = rank
+
+    def state_dict(self) -> dict:
+        return {f"w{self.rank}": self.weight, **self.extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_full_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def local_tensors(self):
+        return iter([self.weight])
+
+
+class _TrainState:
+    step, epoch = 1, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def _sharded_save_worker(rank: int, port: int, out: str, fault: str, async_save: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    from omegaconf import OmegaConf
+
+    from convnext_train.checkpointing import Checkpointer
+    from convnext_train.distributed import RankUnresponsive, init_processes, shutdown
+
+    # The loop's collectives time out after 3 s; the checkpointing group's after 2 minutes.
+    processes = init_processes("cpu", timeout_minutes=0.05, slow_work_timeout_minutes=2)
+    checkpoint = {"every_minutes": 30, "keep_last": 2, "format": "dcp", "async_save": async_save, "allow_changes": []}
+    cfg = OmegaConf.create({"checkpoint": checkpoint, "trainer": {"strategy": "fsdp", "seed": 0}})
+    started = time.monotonic()
+    with Checkpointer(Path(out, "run"), cfg, processes, ignored_keys=[]) as checkpointer:
+        checkpointer.track({"model": _Shards(rank, fault), "train_state": _TrainState()})
+        try:
+            checkpointer.save()
+            checkpointer.finish()  # an async save is waited for here
+            outcome = "saved"
+        except RankUnresponsive as error:
+            outcome = str(error)
+        except BaseException as error:  # noqa: BLE001 - DCP's CheckpointException: for the test's message
+            outcome = f"{type(error).__name__}: {error}"
+    Path(out, f"rank{rank}.txt").write_text(f"{time.monotonic() - started:.1f}\n{outcome}")
+    shutdown()  # then the interpreter's own exit, as train.py's after its one line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "async_save"), [("hung", False), ("hung", True), ("slow", False)])
+def test_a_rank_that_hangs_inside_a_sharded_save_is_named_within_the_loop_timeout(fault, async_save, tmp_path):
+    """Inside a DCP save every rank waits for every other's writes, with the slow-work timeout (a
+    healthy rank may write slowly). A rank whose process stops there must still be named within
+    trainer.dist_timeout_minutes, and the healthy rank must then really exit; a rank that is only
+    slow must be waited for. (Without the heartbeats rank 0 waited the whole 2 minutes here, then
+    failed with gloo's bare "Timed out waiting 120000ms", naming no one.)"""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.start_processes(
+        _sharded_save_worker,
+        args=(port, str(tmp_path), fault, async_save),
+        nprocs=2,
+        start_method="spawn",
+        join=False,
+    )
+    rank0, rank1 = context.processes
+    report = tmp_path / "rank0.txt"
+    try:
+        deadline = time.monotonic() + 150  # longer than the 2 minutes an unnamed hang would wait
+        while not report.exists() and rank0.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reported = time.monotonic()
+        assert report.exists(), "rank 0 neither finished the save nor named rank 1"
+        rank0.join(timeout=30)
+        exited = time.monotonic() - reported
+        seconds, message = report.read_text().split("\n", 1)
+        checkpoints = tmp_path / "run" / "checkpoints"
+        if fault == "slow":
+            rank1.join(timeout=30)
+            assert message == "saved" and (tmp_path / "rank1.txt").read_text().endswith("saved")
+            assert float(seconds) > 8 and rank0.exitcode == 0 and rank1.exitcode == 0
+            saved = read_checkpoint(checkpoints / "last")
+            assert saved["step"] == 1 and saved["model"]["w1"].tolist() == [1.0] * 4
+            return
+        # 1 s of writing, a 3 s timeout, a poll; not the checkpointing group's 2 minutes.
+        assert float(seconds) < 20, (seconds, message)
+        assert f"rank 1 (pid {rank1.pid} on " in message and "stopped responding" in message, message
+        assert "trainer.dist_timeout_minutes" in message and "resumes from it" in message, message
+        assert "\n" not in message, message
+        # The healthy process ends within seconds (as long as a healthy exit: 3-5 s on two busy
+        # cores): no thread, atexit handler or teardown waits on the frozen rank.
+        assert rank0.exitcode == 0 and exited < 20, (rank0.exitcode, exited)
+        # The partial directory stays for the next start's sweep; nothing was published.
+        assert (checkpoints / ".step_000000001.tmp").is_dir()
+        assert not (checkpoints / "step_000000001").exists() and not (checkpoints / "last").exists()
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+                process.join()

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from convnext_train import preemption
 from convnext_train.atomic import DiskFullError
@@ -22,7 +23,7 @@ from convnext_train.checkpointing.lock import RunLock
 from convnext_train.checkpointing.recipe import check_class_names, check_recipe
 from convnext_train.checkpointing.report import SaveReport, measure_peak_rss
 from convnext_train.checkpointing.state import ShardedState, Stateful
-from convnext_train.distributed import Agreement, Processes, broadcast_from_main
+from convnext_train.distributed import Agreement, Background, Processes, broadcast_from_main
 from convnext_train.errors import UserError, out_of_space
 from convnext_train.weights import CheckpointError, read_checkpoint, save_checkpoint
 from convnext_train.weights.sharded import SafePlanner, SafeReader
@@ -68,7 +69,7 @@ class Checkpointer:
         self.lock = RunLock(Path(run_dir))
         self._agreement = Agreement(processes, 2)  # [stop requested, save due]
         self._cached: dict[str, Any] | None = None  # rank 0's read of the latest checkpoint
-        self._pending = None  # an async save in flight: (future, temporary, step, links)
+        self._pending = None  # a sharded save in flight: (Background, temporary, step, links)
         self._parts: dict[str, Any] = {}
         self.class_names: list[str] | None = None
         self._last_save_time = time.monotonic()
@@ -165,13 +166,19 @@ class Checkpointer:
         for name in self._sharded_parts().keys() - saved:
             print(f"{entry.path} has no {name}: it starts afresh", flush=True)
         state = {name: part.state_dict() for name, part in self._sharded_parts().items() if name in saved}
-        dcp.load(
-            state,
-            storage_reader=SafeReader(entry.path),
-            planner=SafePlanner(),
-            process_group=self.processes.checkpointing,
-            no_dist=not self.processes.distributed,
+        # Watched like a save (see `_save_sharded`): every rank reads, with the slow-work timeout.
+        load = Background(
+            self.processes,
+            lambda: dcp.load(
+                state,
+                storage_reader=SafeReader(entry.path),
+                planner=SafePlanner(),
+                process_group=self.processes.checkpointing,
+                no_dist=not self.processes.distributed,
+            ),
+            what="a checkpoint load",
         )
+        load.wait()
         for name, values in state.items():
             self._parts[name].load_state_dict(values)
 
@@ -308,27 +315,35 @@ class Checkpointer:
                 problem = self.directory.disk_full_message(self.directory.directory / step_name(step), error.free_bytes)
         if (problem := broadcast_from_main(problem, self.processes)) is not None:
             raise UserError(problem)
-        kwargs = {
-            "checkpoint_id": temporary,
-            "process_group": self.processes.checkpointing,
-            "no_dist": not self.processes.distributed,
-        }
         if self.async_save:
-            self._pending = (dcp.async_save(state, **kwargs), temporary, step, best)
-            return
-        try:
-            dcp.save(state, **kwargs)
-        except CheckpointException as error:
-            self._shared_outcome(self._failed_sharded(error, step) if self.processes.is_main else None)
-        self._publish_sharded(temporary, step, best)
+            state = _staged(state)
+        # On a thread, synchronous or not (distributed.Background): a rank that hangs in the save is
+        # then named within trainer.dist_timeout_minutes, not the checkpointing group's slow-work
+        # timeout. That is also why async saves do not go through dcp.async_save: its executor's
+        # thread, blocked on a hung rank, would hold the process's exit for as long.
+        save = Background(
+            self.processes,
+            lambda: dcp.save(
+                state,
+                checkpoint_id=temporary,
+                process_group=self.processes.checkpointing,
+                no_dist=not self.processes.distributed,
+            ),
+            what="a checkpoint save",
+        )
+        self._pending = (save, temporary, step, best)
+        if not self.async_save:
+            self._finish_pending()
 
     def _finish_pending(self) -> None:
+        """Wait for the save in flight and publish it. A rank named meanwhile (RankUnresponsive)
+        leaves its temporary directory for the next start's sweep: it was never completed."""
         if self._pending is None:
             return
-        future, temporary, step, best = self._pending
+        save, temporary, step, best = self._pending
         self._pending = None
         try:
-            future.result()
+            save.wait()
         except CheckpointException as error:
             self._shared_outcome(self._failed_sharded(error, step) if self.processes.is_main else None)
         self._publish_sharded(temporary, step, best)
@@ -366,6 +381,13 @@ class Checkpointer:
             raise outcome
         if shared is not None:
             raise UserError(shared)
+
+
+def _staged(state: dict[str, Any]) -> dict[str, Any]:
+    """A CPU copy of the state for an async save to write while training changes the original: what
+    dcp.async_save stages, here on the caller's thread before the save's thread starts.
+    (BlockingAsyncStager: in every torch since 2.4, where 2.9's DefaultStager is not.)"""
+    return BlockingAsyncStager(cache_staged_state_dict=False).stage(state)
 
 
 def consolidate(source: Path, target: Path) -> None:
