@@ -22,14 +22,8 @@ NCCL on GPUs, gloo on the CPU. Two timeouts, because two kinds of waiting exist:
   named within `trainer.dist_timeout_minutes`, not after the slow-work hour.
 
 Besides the training group, `init_processes` creates three CPU-side gloo groups: `control` (stop and
-<<<<<<< HEAD
 save decisions, a non-finite loss on any rank: small values every rank shares; the short timeout
-everywhere), `slow_work` (the waits for rank 0 above) and `checkpointing`
-(`torch.distributed.checkpoint` saves and loads, where every rank writes its shards: the slow-work
-timeout everywhere; async saves run in a thread, so they cannot share a group with the main
-thread's collectives).
-=======
-save decisions, small values every rank shares; the short timeout everywhere), `slow_work` (the
+everywhere), `slow_work` (the
 waits for rank 0 above) and `checkpointing` (`torch.distributed.checkpoint` saves and loads, where
 every rank writes its shards: the slow-work timeout everywhere, since a healthy rank may write
 slowly; a save or load runs on a thread of its own, `Background`, so it cannot share a group with the
@@ -47,7 +41,6 @@ save is then abandoned on its thread, which holds neither `shutdown` nor the int
 and its temporary directory is left for the next start's sweep. What no beat can tell from slow
 writing, a rank stuck in a write of its own that releases the GIL (a hung file server, a GPU hang
 in the copy to the host), is bounded by the slow-work timeout.
->>>>>>> dcphang
 """
 
 from __future__ import annotations
