@@ -6,19 +6,7 @@ from convnext_train import preemption
 
 preemption.install()
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from convnext_train.errors import exit_on_user_error  # noqa: E402
-
-
-@hydra.main(version_base=None, config_path="convnext_train/conf", config_name="train")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    from convnext_train.trainer import run
-
-    run(cfg)
-
+from convnext_train.cli import train  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    train()

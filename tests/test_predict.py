@@ -227,3 +227,63 @@ def test_no_images_found_is_one_line(tmp_path):
             find_images(str(spec))
     (tmp_path / "a.png").write_bytes(b"")
     assert find_images(str(tmp_path / "*.png")) == [str(tmp_path / "a.png")]
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_runs_the_commands_from_anywhere(trained, tmp_path):
+    """`pip install .` (not editable) into a folder of its own, run from outside the checkout: the
+    configs come from inside the installed package (eval and predict find the checkpoint's
+    architecture among them; train composes its config), and nothing is read from the checkout."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PIP_FIND_LINKS": ""},
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def command(name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(site / "bin" / name), *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    where = subprocess.run(
+        [sys.executable, "-c", "from convnext_train import configs; print(configs.CONFIG_DIR)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where) == site / "convnext_train" / "conf" and (Path(where) / "train.yaml").is_file()
+
+    root, checkpoint, _model = trained
+    scored = command("convnext-eval", f"checkpoint={checkpoint}", f"data.root={root}")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "| convnext_atto |" in scored.stdout
+    predicted = command("convnext-predict", f"checkpoint={checkpoint}", f"images={root / 'val'}", "out=p.csv")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert len((elsewhere / "p.csv").read_text().splitlines()) == 1 + 16
+    composed = command("convnext-train", "model=convnext_t", "data.root=/datasets/imagenet", "--cfg", "job")
+    assert composed.returncode == 0, composed.stderr[-2000:]
+    assert "drop_path_rate: 0.1" in composed.stdout and "lr: 0.004" in composed.stdout
