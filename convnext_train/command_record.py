@@ -5,8 +5,9 @@ so a second job started in a directory that is in use would replace the running 
 own command (another `trainer.log_every`, say: keys the directory's name leaves out) even though the
 lock then refuses it. conf/train.yaml turns Hydra's copy off (`hydra.output_subdir: null`) and the
 trainer writes the same three files, as Hydra does (`OmegaConf.to_yaml`, interpolations kept), once
-the Checkpointer holds the lock and has accepted the recipe: the copy always describes the job that
-runs, or last ran, in the directory.
+the Checkpointer holds the lock and the resume is accepted (the recipe; the epoch length and the data
+layout, which `trainer.build_run` checks): the copy always describes the job that runs, or last ran,
+in the directory.
 """
 
 from __future__ import annotations

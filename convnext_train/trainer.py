@@ -168,11 +168,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir, ignored = Path(hydra.runtime.output_dir), list(hydra.job.config.override_dirname.exclude_keys)
         # Before any compute: the run directory's lock, and the recipe of the checkpoint to resume from.
         with Checkpointer(run_dir, cfg, processes, ignored_keys=ignored) as checkpointer:
+            built = build_run(cfg, run_dir, processes, checkpointer)
             # Here, not in the Checkpointer (which knows nothing of Hydra): the lock is held and the
-            # recipe accepted, so a refused job never reaches this line and leaves the record alone.
+            # checkpoint accepted (its recipe, its epoch length, its data layout), so a refused job never
+            # reaches this line and leaves the record alone.
             if processes.is_main:
                 command.write(run_dir)
-            return train(build_run(cfg, run_dir, processes, checkpointer))
+            return train(built)
     except RuntimeError as error:
         raise_if_timeout(error, processes)  # a collective timed out: name the rank that stopped answering
         raise
@@ -329,6 +331,7 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
         "scaler": parts.scaler,
         "train_state": state,
         "rng": RngStreams(processes, t.seed, step=lambda: state.step),
+        **({"data": loaders.state} if loaders.state is not None else {}),
     }
     checkpointer.track(stateful, class_names=loaders.class_names)
     resumed = checkpointer.load_latest()
@@ -341,6 +344,9 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
             "(finetune.checkpoint=..., another hydra.run.dir)"
         )
     state.steps_per_epoch = steps_per_epoch
+    if resumed and loaders.state is not None and 0 < state.step - state.epoch * steps_per_epoch < steps_per_epoch:
+        # Stopped inside an epoch: the rest of it is the data's to read as the checkpoint's run would have.
+        loaders.state.check_mid_epoch(state.epoch)
     if resumed and processes.is_main:
         print(f"resumed from {checkpointer.resume_entry.path} at epoch {state.epoch}, step {state.step}", flush=True)
     logger = RunLogger(

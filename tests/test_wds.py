@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -47,11 +48,20 @@ def wds_data(root: Path, **overrides):
     return OmegaConf.merge(base, settings, {"shuffle_buffer": 8}, overrides)
 
 
-def loaders(root: Path, aug: str = "none", *, seed: int = 3, rank: int = 0, world_size: int = 1, **overrides):
+def loaders(
+    root: Path,
+    aug: str = "none",
+    *,
+    seed: int = 3,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = BATCH,
+    **overrides,
+):
     return build_loaders(
         wds_data(root, **overrides),
         aug_config(aug),
-        LoaderArgs(seed=seed, batch_size=BATCH, device=CPU, rank=rank, world_size=world_size),
+        LoaderArgs(seed=seed, batch_size=batch_size, device=CPU, rank=rank, world_size=world_size),
     )
 
 
@@ -156,6 +166,48 @@ def test_start_at_mid_epoch_continues_with_the_same_images_and_pixels(written, c
         assert torch.equal(a_images, b_images) and torch.equal(a_targets, b_targets)
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"world_size": 2}, "this run has 2 processes: "),
+        ({"num_workers": 1}, "this run has data.num_workers=1: "),
+        ({"batch_size": 8}, "this run has trainer.micro_batch_size=8: "),
+        ({"world_size": 2, "num_workers": 1}, "this run has 2 processes, data.num_workers=1: "),
+    ],
+)
+def test_a_resume_inside_an_epoch_under_another_layout_is_refused_naming_the_change(written, change, named, capsys):
+    """The checkpoint's `data` part (the layout its epoch was read with: 1 process, 2 workers, micro-
+    batches of 4) against a resumed run's; what the trainer calls when the run stops inside epoch 3."""
+    saved = loaders(written).state.state_dict()
+    resumed = loaders(written, **change)
+    resumed.state.load_state_dict(saved)
+    with pytest.raises(UserError) as refused:
+        resumed.state.check_mid_epoch(2)
+    message = str(refused.value)
+    assert "\n" not in message and "stopped inside epoch 3" in message and named in message
+    assert "Resume with 1 process, data.num_workers=2, trainer.micro_batch_size=4 until" in message
+    assert "data.allow_layout_change=true" in message
+    # On purpose: the rest of that epoch in this run's order, said once (rank 0).
+    for rank in (0, 1):
+        allowed = loaders(written, allow_layout_change=True, **({"rank": rank, "world_size": 2} | change))
+        allowed.state.load_state_dict(saved)
+        allowed.state.check_mid_epoch(2)
+        printed = capsys.readouterr().out
+        assert ("data.allow_layout_change=true: the rest of epoch 3" in printed) == (rank == 0), printed
+
+
+def test_a_resume_inside_an_epoch_under_the_same_plan_goes_on(written):
+    """The same layout, and 0 loader workers for 1 (the main process reads the one block a single
+    worker would: the same batches, which is why they count as the same plan)."""
+    for saved_workers, workers in ((2, 2), (0, 1), (1, 0)):
+        resumed = loaders(written, num_workers=workers)
+        resumed.state.load_state_dict(loaders(written, num_workers=saved_workers).state.state_dict())
+        resumed.state.check_mid_epoch(2)
+    assert epoch_images(loaders(written, "recipe", num_workers=0), 2) == epoch_images(
+        loaders(written, "recipe", num_workers=1), 2
+    )
+
+
 def test_augmentations_do_not_depend_on_the_worker_that_decodes_them(written):
     """One process's epoch under the full recipe with 0 and 2 loader workers: other blocks and buffer
     orders, the same augmented images (each seeded by its own index and the epoch)."""
@@ -251,12 +303,15 @@ def test_two_processes_under_torchrun_see_every_training_image_once_per_epoch(wr
 
 
 @pytest.mark.slow
-def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(tree, written, tmp_path):
+def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal_under_its_layout_only(tree, written, tmp_path):
     """The trainer's resume through the wds loader: one micro-batch per step, so the kill after step 5
-    leaves an odd number of batches consumed by two workers (the renumbering case), and both runs
-    use the same worker count (exact resume needs it)."""
-    from test_resume import EVERY_STEP, assert_ends_like, kill_once_saved
-    from test_train import TINY_RUN
+    leaves an odd number of batches consumed by two workers (the renumbering case). Resumed with one
+    worker it stops before any step, touching nothing (the rest of epoch 2 is another plan's); resumed
+    with two it ends as the uninterrupted run; with one and data.allow_layout_change=true (a copy) it
+    goes on, saying so. The same checkpoints cut back to epoch 1's end (step 4: nothing of epoch 2
+    read) resume with one worker."""
+    from test_resume import EVERY_STEP, assert_ends_like, contents, copy_run, kill_once_saved
+    from test_train import TINY_RUN, assert_user_error, read_jsonl
 
     run = [*TINY_RUN, "data=wds", f"data.root={written}", "data.num_workers=2", "trainer.micro_batch_size=16"]
     reference_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -264,6 +319,34 @@ def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(tree, written
     assert result.returncode == 0, result.stderr[-3000:]
     args = [*run, f"hydra.run.dir={killed_dir}", EVERY_STEP]
     kill_once_saved(args, killed_dir / "checkpoints" / "step_000000005.pt")  # epoch 2, after its first batch
+
+    def copy_apart(name: str) -> Path:
+        # Checkpoints hard-linked (never rewritten), metrics.jsonl copied: a resume may append to it.
+        copy = copy_run(killed_dir, tmp_path / name)
+        (copy / "metrics.jsonl").unlink()
+        shutil.copy(killed_dir / "metrics.jsonl", copy / "metrics.jsonl")
+        return copy
+
+    boundary = copy_apart("boundary") / "checkpoints"
+    for path in boundary.iterdir():
+        if path.name == "last.pt" or path.name.startswith("step_"):
+            path.unlink()
+    os.link(boundary / "best.pt", boundary / "step_000000004.pt")  # epoch 1's end, best by its evaluation
+
+    before = contents(killed_dir)
+    refused = run_script("train.py", *args, "data.num_workers=1")
+    assert_user_error(
+        refused,
+        "stopped inside epoch 2",
+        "1 process, data.num_workers=2, trainer.micro_batch_size=16",  # the checkpoint's layout: the way back
+        "this run has data.num_workers=1",  # the change
+        "data.allow_layout_change=true",  # the way on
+    )
+    after = contents(killed_dir)
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    assert changed == ["run.lock"], f"the refused job changed {changed}"  # its pid, in the lock file alone
+    allowed_dir = copy_apart("allowed")
+
     result = run_script("train.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
@@ -271,6 +354,18 @@ def test_train_py_killed_mid_epoch_on_shards_resumes_bitwise_equal(tree, written
     # write_wds's index names the classes; the checkpoints carry them for eval.py and predict.py.
     saved = torch.load(killed_dir / "checkpoints" / "last.pt", weights_only=False)
     assert saved["class_names"] == sorted(path.name for path in (tree / "train").iterdir())
+
+    # On purpose (the key is no part of the recipe the resume checks): the rest of epoch 2 in another order.
+    one_worker = ["data.num_workers=1", "data.allow_layout_change=true"]
+    result = run_script("train.py", *run, f"hydra.run.dir={allowed_dir}", EVERY_STEP, *one_worker)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.allow_layout_change=true: the rest of epoch 2 is read in the order of 1 process, " in result.stdout
+    assert [r["step"] for r in read_jsonl(allowed_dir / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
+
+    result = run_script("train.py", *run, f"hydra.run.dir={boundary.parent}", EVERY_STEP, "data.num_workers=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at epoch 1, step 4" in result.stdout and "allow_layout_change" not in result.stdout
+    assert [r["step"] for r in read_jsonl(boundary.parent / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,6 +452,18 @@ def test_an_index_that_does_not_match_its_shards_is_one_line(tree, tmp_path):
     assert write_wds.main([str(tree), str(out), "--shard-size", "30", "--workers", "1"]) == 0
     (out / "train-000001.tar").unlink()
     one_line_error(out, r"train.json does not describe the shards beside it .*train-000001.tar")
+
+
+def test_allow_layout_change_must_be_a_boolean(written):
+    from hydra import compose, initialize_config_dir
+
+    from convnext_train.config import validate_train_config
+
+    overrides = ["data=wds", f"data.root={written}", "data.num_classes=4", "data.allow_layout_change=maybe"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(UserError, match=r"^invalid config: data.allow_layout_change=maybe: must be true or false$"):
+        validate_train_config(cfg)
 
 
 def test_without_webdataset_it_says_how_to_install_it(written, monkeypatch):

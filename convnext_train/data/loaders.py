@@ -14,10 +14,23 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ReadingState(Protocol):
+    """A source's part of the run's checkpoints (their `data`): what its training order depends on
+    besides (seed, epoch, position), so that a resume can tell whether it still reads the same order."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def check_mid_epoch(self, epoch: int) -> None:
+        """The run resumes inside `epoch` (0-based), after `load_state_dict`: a UserError unless the
+        rest of that epoch can be read as the checkpoint's run would have read it."""
 
 
 @dataclass
@@ -30,6 +43,9 @@ class Loaders:
     # The class of each target index (ImageFolder's folder names); None where the data has no names
     # (synthetic images, shards without them): checkpoints and summary.json then say nothing.
     class_names: list[str] | None = None
+    # None where each epoch's order is the same whatever the number of processes, loader workers and
+    # micro-batch size (EpochSampler's below, which FFCV's takes too): nothing to check on resume.
+    state: ReadingState | None = None
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

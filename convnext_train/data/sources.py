@@ -8,7 +8,9 @@ FFCV, `datasets` and `webdataset` are optional extras.
 
 Whatever the source, the training loader yields micro-batches `(images, targets, replaced)` and can
 be positioned mid-epoch (`Loaders.start_at`, for resume); the images are either CPU tensors (the step
-moves them) or already on the device (FFCV: decoded and augmented there).
+moves them) or already on the device (FFCV: decoded and augmented there). A source whose epoch order
+depends on the number of processes, loader workers or micro-batch size (wds) also gives
+`Loaders.state`, which the run's checkpoints save as their `data` part and a resume checks.
 """
 
 from __future__ import annotations

@@ -27,9 +27,12 @@ plan that decides who reads what is ours:
 - Resume (`start_at(epoch, consumed)`): exact. Each worker knows how many of its batches the rank
   consumed, runs its block's reading and buffer shuffle again on the undecoded bytes and skips those
   samples, and the workers are renumbered so that DataLoader's round-robin starts at the next batch's.
-  Exact under the same number of processes, loader workers and micro-batch size; with any of those
-  changed, the rest of that one epoch is drawn under the new plan (images of it may repeat or be
-  missed until the epoch ends).
+  That needs the plan the epoch was started with: the same number of processes, loader workers (0
+  and 1 are one block alike) and micro-batch size. The checkpoints record them (`ReadingLayout`, their
+  `data` part); a resume inside an epoch under another layout stops before any step, naming the
+  change, unless `data.allow_layout_change=true` accepts the rest of that one epoch in the new plan's
+  order (images of it then repeat or are missed until the epoch ends). A checkpoint at an epoch's end
+  resumes under any layout: the next epoch's plan is drawn for the run that reads it.
 - Validation: every image exactly once whatever the number of processes and workers (the last batch
   of a rank may be short); eval.py scores the whole split in one process.
 
@@ -89,6 +92,11 @@ def wds_loaders(data_cfg: DictConfig, aug_cfg: DictConfig, args: LoaderArgs) -> 
         start_at=train.set_position,
         val=val,
         class_names=train_set.classes,  # write_wds's index has them; other shards: None
+        state=ReadingLayout(
+            Layout(args.world_size, data_cfg.num_workers, args.batch_size),
+            allow_change=data_cfg.allow_layout_change,
+            announce=announce,
+        ),
     )
 
 
@@ -102,6 +110,9 @@ def wds_val_loader(data_cfg: DictConfig, crop_pct: float, args: LoaderArgs) -> D
 
 def _check(data_cfg: DictConfig, problems: Problems) -> None:
     problems.require(positive_int(data_cfg.shuffle_buffer), "data.shuffle_buffer", "must be a positive integer")
+    problems.require(
+        isinstance(data_cfg.allow_layout_change, bool), "data.allow_layout_change", "must be true or false"
+    )
 
 
 SOURCES = {
@@ -178,6 +189,68 @@ def worker_blocks(lo: int, hi: int, batch_size: int, workers: int, *, train: boo
         blocks.append((lo + first * batch_size, min(lo + (first + count) * batch_size, hi)))
         first += count
     return blocks
+
+
+class Layout(NamedTuple):
+    """What the plan depends on besides the seed, the epoch and the data."""
+
+    world_size: int
+    num_workers: int  # data.num_workers as set: 0 reads in the main process, the one block 1 worker would
+    micro_batch_size: int
+
+    @property
+    def plan(self) -> tuple[int, int, int]:
+        return self.world_size, max(self.num_workers, 1), self.micro_batch_size
+
+    def described(self, only: tuple[str, ...] | None = None) -> str:
+        """`only`: the fields to name (all by default)."""
+        parts = {
+            "world_size": f"{self.world_size} process{'es' if self.world_size > 1 else ''}",
+            "num_workers": f"data.num_workers={self.num_workers}",
+            "micro_batch_size": f"trainer.micro_batch_size={self.micro_batch_size}",
+        }
+        return ", ".join(parts[name] for name in only or self._fields)
+
+
+class ReadingLayout:
+    """The run's checkpoint part `data`: the layout this run reads with, saved, and the one the
+    checkpoint's epoch was read with, loaded. A position inside an epoch is a count of batches per
+    rank in that epoch's plan; under another layout the same count is another set of samples (some
+    the old ranks had read, others they will never reach). Finding which ones the old ranks took and
+    dealing out the rest would take a second kind of plan, over an arbitrary subset of the stream,
+    and a replay of every old block's shards and buffer shuffles at start-up: refused instead, before
+    the first step, unless `data.allow_layout_change` accepts the new plan's order for that epoch."""
+
+    def __init__(self, current: Layout, *, allow_change: bool, announce: bool):
+        self.current, self.allow_change, self.announce = current, allow_change, announce
+        self.saved: Layout | None = None  # None: a checkpoint from before layouts were saved (nothing to check)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.current._asdict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.saved = Layout(**state)
+
+    def check_mid_epoch(self, epoch: int) -> None:
+        saved, current = self.saved, self.current
+        if saved is None or saved.plan == current.plan:
+            return
+        changed = tuple(name for name in Layout._fields if getattr(saved, name) != getattr(current, name))
+        if not self.allow_change:
+            raise UserError(
+                f"the checkpoint stopped inside epoch {epoch + 1}, whose data=wds plan was drawn for "
+                f"{saved.described()}; this run has {current.described(changed)}: the rest of that epoch cannot be "
+                f"read exactly under another layout. Resume with {saved.described()} until that epoch ends (a "
+                "checkpoint at an epoch's end resumes under any layout), or add data.allow_layout_change=true to "
+                "read the rest of it in this run's order (some of its images then twice, others not at all)"
+            )
+        if self.announce:
+            print(
+                f"data.allow_layout_change=true: the rest of epoch {epoch + 1} is read in the order of "
+                f"{current.described()}, not the checkpoint's {saved.described()}: some of its images may be "
+                "seen twice, others not at all, until that epoch ends",
+                flush=True,
+            )
 
 
 # --------------------------------------------------------------------------------------------------
