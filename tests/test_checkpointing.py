@@ -70,7 +70,7 @@ def test_a_second_holder_is_refused_naming_the_first_and_a_killed_holder_leaves_
 # --------------------------------------------------------------------------------------------------
 SAVED = {
     "optimizer": {"lr": 0.004, "weight_decay": 0.05},
-    "trainer": {"epochs": 300, "log_every": 50, "keep_last": 2},
+    "trainer": {"epochs": 300, "log_every": 50},
     "data": {"root": "/a", "img_size": 224},
     "logger": {"name": "none", "project": "x"},
     "aug": {"scale": [0.08, 1.0]},
@@ -88,7 +88,6 @@ def changed(**edits) -> dict:
 
 def test_where_data_lives_and_how_chatty_the_run_is_are_not_the_recipe():
     now = changed(data__root="/b", trainer__log_every=1, logger__project="y", logger__name="wandb")
-    del now["trainer"]["keep_last"]  # moved to checkpoint.keep_last since: a legacy key
     now["optimizer"]["weight_decay"] = 5e-2  # the same value written another way
     assert recipe_changes(SAVED, now, IGNORED) == {}
 
