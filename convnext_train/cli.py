@@ -13,10 +13,11 @@ import hydra
 from omegaconf import DictConfig
 
 from convnext_train import preemption
+from convnext_train.configs import CONFIG_DIR
 from convnext_train.errors import exit_on_user_error
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="train")
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")
 @exit_on_user_error
 def _train(cfg: DictConfig) -> None:
     from convnext_train.trainer import run
@@ -24,7 +25,7 @@ def _train(cfg: DictConfig) -> None:
     run(cfg)
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="eval")
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="eval")
 @exit_on_user_error
 def _eval(cfg: DictConfig) -> None:
     from convnext_train.evaluate import run
@@ -32,7 +33,7 @@ def _eval(cfg: DictConfig) -> None:
     run(cfg)
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="predict")
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="predict")
 @exit_on_user_error
 def _predict(cfg: DictConfig) -> None:
     from convnext_train.predict import run

@@ -23,41 +23,27 @@ NCCL on GPUs, gloo on the CPU. Two timeouts, because two kinds of waiting exist:
 
 Besides the training group, `init_processes` creates three CPU-side gloo groups: `control` (stop and
 save decisions, a non-finite loss on any rank: small values every rank shares; the short timeout
-everywhere), `slow_work` (the
-waits for rank 0 above) and `checkpointing` (`torch.distributed.checkpoint` saves and loads, where
-every rank writes its shards: the slow-work timeout everywhere, since a healthy rank may write
-slowly; a save or load runs on a thread of its own, `Background`, so it cannot share a group with the
+everywhere), `slow_work` (the waits for rank 0 above) and `checkpointing` (`torch.distributed.checkpoint`
+saves and loads, where every rank writes its shards: the slow-work timeout everywhere, since a healthy
+rank may write slowly; a save or load runs on a thread of its own, so it cannot share a group with the
 main thread's collectives).
 
-A rank that hangs inside such a save (or load) is still named within `trainer.dist_timeout_minutes`.
-Gloo's timeout cannot tell it from a slow writer, and a blocked gloo collective cannot be
-interrupted (not even by `abort`), so the save runs on a daemon thread, each rank beats through the
-rendezvous store from another one while its save is in flight, and the main thread waits for the
-save in a loop that watches the peers' beats (rank 0 every other rank's, the others rank 0's). A
-rank that writes slowly keeps beating (its threads run while the writing one waits on the disk); a
-stopped process (SIGSTOP, a frozen VM), one deadlocked holding the GIL, or one that never started
-the save falls silent, and a peer silent for the short timeout is named (`RankUnresponsive`). The
-save is then abandoned on its thread, which holds neither `shutdown` nor the interpreter's exit,
-and its temporary directory is left for the next start's sweep. What no beat can tell from slow
-writing, a rank stuck in a write of its own that releases the GIL (a hung file server, a GPU hang
-in the copy to the host), is bounded by the slow-work timeout.
+A rank that hangs inside such a save (or load) is still named within `trainer.dist_timeout_minutes`:
+the work runs on a thread and every rank beats through the rendezvous store meanwhile
+(checkpointing/background.py says how).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -70,9 +56,9 @@ from convnext_train.errors import UserError
 NCCL_TIMEOUT_SLACK = timedelta(minutes=1)
 _RANK_KEY = "convnext/rank/{}"
 _RESPONSIVE_KEY = "convnext/responsive/{}"
-_BEAT_KEY = "convnext/beat/{}"
-_beats = itertools.count(1)  # this process's beats: each one a new value, so that peers see it change
-T = TypeVar("T")
+# A rank's heartbeat while a sharded save is in flight (checkpointing/background.py); the first is
+# written at start-up, so that a peer's is there to read from the first look.
+BEAT_KEY = "convnext/beat/{}"
 
 
 @dataclass(frozen=True)
@@ -145,8 +131,8 @@ def init_processes(device_type: str, timeout_minutes: float, slow_work_timeout_m
     )
     # Who is who, for the message that names a rank that stopped responding; a first beat, so that
     # every rank's key exists before anyone watches it (reading a missing key would block).
-    _store().set(_RANK_KEY.format(processes.rank), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    _store().set(_BEAT_KEY.format(processes.rank), "0")
+    store().set(_RANK_KEY.format(processes.rank), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    store().set(BEAT_KEY.format(processes.rank), "0")
     return processes
 
 
@@ -159,10 +145,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _store() -> dist.Store:
+def store() -> dist.Store:
     # The default group's rendezvous store (torchrun's agent, or rank 0's TCPStore under SLURM): a
     # server thread that answers while a rank's main thread is stuck.
-    return dist.distributed_c10d._get_default_store()
+    return dist.distributed_c10d._get_defaultstore()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,10 +284,10 @@ def raise_if_timeout(error: BaseException, processes: Processes) -> None:
             f"rank {processes.rank}: {waited} a peer, yet every rank answers now: a network stall or a rank "
             "briefly stuck in I/O; the last checkpoint is intact and the same command resumes from it"
         ) from error
-    raise RankUnresponsive(_stopped_responding(missing, f"{waited} it (hung, dead, or stuck in I/O)")) from error
+    raise RankUnresponsive(stopped_responding(missing, f"{waited} it (hung, dead, or stuck in I/O)")) from error
 
 
-def _stopped_responding(missing: list[int], how: str) -> str:
+def stopped_responding(missing: list[int], how: str) -> str:
     names = ", ".join(describe_rank(rank) for rank in missing)
     return (
         f"{names} stopped responding: {how}; the job stops. "
@@ -322,12 +308,12 @@ def _waited(error: BaseException, processes: Processes) -> str:
 def unresponsive_ranks(processes: Processes, grace: timedelta) -> list[int]:
     """The ranks that do not check in within `grace`, through the rendezvous store (this rank
     checks in too: the others may be asking at the same time)."""
-    store = _store()
-    store.set(_RESPONSIVE_KEY.format(processes.rank), "1")
+    rendezvous = store()
+    rendezvous.set(_RESPONSIVE_KEY.format(processes.rank), "1")
     waiting = {rank for rank in range(processes.world_size) if rank != processes.rank}
     deadline = time.monotonic() + grace.total_seconds()
     while waiting and time.monotonic() < deadline:
-        waiting = {rank for rank in waiting if not store.check([_RESPONSIVE_KEY.format(rank)])}
+        waiting = {rank for rank in waiting if not rendezvous.check([_RESPONSIVE_KEY.format(rank)])}
         time.sleep(0.2)
     return sorted(waiting)
 
@@ -335,119 +321,7 @@ def unresponsive_ranks(processes: Processes, grace: timedelta) -> list[int]:
 def describe_rank(rank: int) -> str:
     """A rank as messages name it, `rank 3 (pid 4242 on node7)` (read from the rendezvous store)."""
     try:
-        info = json.loads(_store().get(_RANK_KEY.format(rank)))
+        info = json.loads(store().get(_RANK_KEY.format(rank)))
         return f"rank {rank} (pid {info['pid']} on {info['host']})"
     except Exception:  # noqa: BLE001 - the description is a courtesy
         return f"rank {rank}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Work that may take long on every rank (a sharded save), watched by heartbeats
-# --------------------------------------------------------------------------------------------------
-class Background(Generic[T]):
-    """`work` (collectives of the checkpointing group, every rank writing or reading: `dcp.save`,
-    `dcp.load`) started on a thread of its own; `wait` for its result on the main thread, now (a
-    synchronous save, a load) or later (an async save, at the next save). Every rank calls both. See
-    the module docstring for why.
-
-    Under several processes the thread is a daemon: after a peer is named, the work stays blocked
-    in gloo until the slow-work timeout, and neither `shutdown` nor the interpreter's exit may wait
-    for it. This rank beats from its start until `wait` returns: through an async save's training
-    too, so that rank 0's slow work there (closing W&B before the last `finish`) is not silence. One
-    process has nothing to watch and nothing to block on: its thread is an ordinary one, which the
-    exit waits for, so that an async save still writes whole after an error."""
-
-    def __init__(self, processes: Processes, work: Callable[[], T], what: str):
-        self.processes = processes
-        self.what = what
-        self._result: T | None = None
-        self._error: BaseException | None = None
-        self._heartbeats = _Heartbeats(processes, what) if processes.distributed else None
-        if self._heartbeats is not None:
-            self._heartbeats.start()
-        # The current CUDA device is per thread: a new one starts on device 0, where DCP's copy to the
-        # host would make its streams (and a CUDA context on every rank's behalf).
-        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
-        self._thread = threading.Thread(target=self._run, args=(work, device), name=what, daemon=processes.distributed)
-        self._thread.start()
-
-    def _run(self, work: Callable[[], T], device: int | None) -> None:
-        try:
-            if device is not None:
-                torch.cuda.set_device(device)
-            self._result = work()
-        except BaseException as error:  # noqa: BLE001 - DCP's CheckpointException is a BaseException: re-raised by `wait`
-            self._error = error
-
-    def wait(self) -> T:
-        """The work's result, or its exception; RankUnresponsive naming a peer that fell silent for
-        `trainer.dist_timeout_minutes` meanwhile (the work is then abandoned on its thread)."""
-        try:
-            while self._heartbeats is not None and self._thread.is_alive():
-                self._heartbeats.check()
-                self._thread.join(self._heartbeats.interval)
-            self._thread.join()
-        finally:
-            if self._heartbeats is not None:
-                self._heartbeats.stop()
-        if self._error is not None:
-            raise self._error
-        return self._result  # type: ignore[return-value]
-
-
-class _Heartbeats:
-    """This rank's beats (a daemon thread: it runs while the main thread waits or trains, and stops
-    only when the whole process does) and its watch of the peers', through the rendezvous store.
-    Rank 0 watches every other rank, the others watch rank 0 (a silent one is named by whoever
-    watches it, and that rank's exit ends the job), so the store serves O(world) reads a beat, not
-    O(world^2). A peer's beat is compared with its last value on this rank's own clock: no two hosts'
-    clocks are compared."""
-
-    def __init__(self, processes: Processes, what: str):
-        self.processes = processes
-        self.what = what
-        self.store = _store()
-        self.timeout = processes.timeout.total_seconds()
-        self.interval = min(self.timeout / 10, 5.0)  # a few beats a timeout; at most every 5 s: cheap at scale
-        self.peers = [rank for rank in range(processes.world_size) if rank != 0] if processes.is_main else [0]
-        self.heard: dict[int, tuple[bytes, float]] = {}  # peer -> (its last beat, when it changed)
-        self._stopped = threading.Event()
-
-    def start(self) -> None:
-        threading.Thread(target=self._beat, name=f"{self.what}: heartbeat", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _beat(self) -> None:
-        key = _BEAT_KEY.format(self.processes.rank)
-        while True:
-            try:
-                self.store.set(key, str(next(_beats)))
-            except RuntimeError:  # the store is gone: `check` says so on the main thread
-                return
-            if self._stopped.wait(self.interval):
-                return
-
-    def check(self) -> None:
-        """RankUnresponsive naming the peers whose beat has not changed for the short timeout."""
-        now = time.monotonic()
-        try:
-            beats = self.store.multi_get([_BEAT_KEY.format(peer) for peer in self.peers])
-        except RuntimeError as error:  # DistStoreError: the store's host (rank 0 under SLURM) is gone or stopped
-            raise RankUnresponsive(
-                f"rank {self.processes.rank}: {self.what} lost the rendezvous store: rank 0 or the launcher is gone"
-            ) from error
-        silent = []
-        for peer, beat in zip(self.peers, beats, strict=True):
-            last = self.heard.get(peer)
-            if last is None or last[0] != beat:
-                self.heard[peer] = (beat, now)  # watched from the first look: a full timeout to start beating
-            elif now - last[1] > self.timeout:
-                silent.append(peer)
-        if silent:
-            how = (
-                f"{self.what} heard nothing from it for {self.timeout / 60:g} min "
-                "(trainer.dist_timeout_minutes; its process is stopped or hung)"
-            )
-            raise RankUnresponsive(_stopped_responding(silent, how))

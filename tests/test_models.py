@@ -116,11 +116,18 @@ def test_gmacs_scale_with_resolution_and_count_depthwise_convs_by_group():
 # --------------------------------------------------------------------------------------------------
 # Parity with timm's implementation, weights moved by timm's own converter
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", large_marked(sorted(TIMM_NAMES)))
+# Each variant keeps its depths and layout (layer scale, GRN, timm's 1x1-conv MLP for atto..nano) at
+# these widths: the converter renames tensors, which the width only shapes. ConvNeXt-T also runs at
+# its own width, so a width-dependent mistake would still show.
+NARROW = {"dims": [16, 32, 48, 64]}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_NAMES))
 def test_logits_match_timm_through_timm_converter(name):
-    ours = randomize_(build_model(name)).eval()
+    narrow = {} if name == "convnext_t" else NARROW
+    ours = randomize_(build_model(name, **narrow)).eval()
     with torch.device("meta"):
-        reference = timm.create_model(TIMM_NAMES[name], pretrained=False)
+        reference = timm.create_model(TIMM_NAMES[name], pretrained=False, **narrow)
     converted = checkpoint_filter_fn({"model": ours.state_dict()}, reference)
     reference.load_state_dict(converted, strict=True, assign=True)
     reference.eval()

@@ -335,30 +335,47 @@ def test_lr_of_every_imagenet_step_equals_the_official_cosine_scheduler(model, e
 # --------------------------------------------------------------------------------------------------
 # The CLI composes the same configs; the README table is current
 # --------------------------------------------------------------------------------------------------
+# train.py run once per command line in one interpreter (runpy, as `python train.py` runs it), so that
+# Python and Hydra start once: each command's exit code, stdout and stderr, as JSON.
+EACH_COMMAND = """
+import contextlib, io, json, runpy, sys
+results = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["train.py", *args]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code
+    results.append((code, out.getvalue(), err.getvalue()))
+print(json.dumps(results))
+"""
+
+
 @pytest.mark.slow
 def test_train_py_composes_the_same_configs_and_names_a_missing_row():
     commands = [
         [f"model={c.model}", *([f"experiment={c.experiment}"] if c.experiment else []), *c.overrides] for c in CASES
     ]
     commands.append(["model=convnext_t", "experiment=ft_in1k_384"])
-    # Concurrently: `--cfg job` returns before train.py imports torch, so each run is mostly startup.
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *args, "--cfg", "job", "--resolve"],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args in commands
-    ]
-    # All start at once: on a busy 2-core machine the last may take minutes (each is ~3 s of CPU alone).
-    results = [(p, *p.communicate(timeout=600)) for p in processes]
-    for case, (process, stdout, stderr) in zip(CASES, results, strict=False):
-        assert process.returncode == 0, stderr[-2000:]
+    # `--cfg job` prints the composed config and returns before train.py imports torch.
+    commands = [[*args, "--cfg", "job", "--resolve"] for args in commands]
+    ran = subprocess.run(
+        [sys.executable, "-c", EACH_COMMAND, json.dumps(commands)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    results = json.loads(ran.stdout)
+    assert len(results) == len(commands)
+    for case, (code, stdout, stderr) in zip(CASES, results, strict=False):
+        assert code == 0, stderr[-2000:]
         assert yaml.safe_load(stdout) == OmegaConf.to_container(config_of(case)), case.id
-    process, _, stderr = results[-1]
-    assert process.returncode != 0
+    code, _, stderr = results[-1]
+    assert code != 0
     assert stderr.strip().splitlines()[-1] == (
         "omegaconf.errors.InterpolationKeyError: Interpolation key 'ft_in1k_384.convnext_t.drop_path_rate' not found"
     )

@@ -14,16 +14,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from convnext_train import preemption
 from convnext_train.atomic import DiskFullError
+from convnext_train.checkpointing.background import Background, staged
 from convnext_train.checkpointing.layout import META_FILE, CheckpointDir, Entry, resolve_format, step_name
 from convnext_train.checkpointing.lock import RunLock
 from convnext_train.checkpointing.recipe import check_class_names, check_recipe
 from convnext_train.checkpointing.report import SaveReport, measure_peak_rss
 from convnext_train.checkpointing.state import ShardedState, Stateful
-from convnext_train.distributed import Agreement, Background, Processes, broadcast_from_main
+from convnext_train.distributed import Agreement, Processes, broadcast_from_main
 from convnext_train.errors import UserError, out_of_space
 from convnext_train.weights import CheckpointError, read_checkpoint, save_checkpoint
 from convnext_train.weights.sharded import SafePlanner, SafeReader
@@ -316,8 +316,8 @@ class Checkpointer:
         if (problem := broadcast_from_main(problem, self.processes)) is not None:
             raise UserError(problem)
         if self.async_save:
-            state = _staged(state)
-        # On a thread, synchronous or not (distributed.Background): a rank that hangs in the save is
+            state = staged(state)
+        # On a thread, synchronous or not (background.py): a rank that hangs in the save is
         # then named within trainer.dist_timeout_minutes, not the checkpointing group's slow-work
         # timeout. That is also why async saves do not go through dcp.async_save: its executor's
         # thread, blocked on a hung rank, would hold the process's exit for as long.
@@ -381,13 +381,6 @@ class Checkpointer:
             raise outcome
         if shared is not None:
             raise UserError(shared)
-
-
-def _staged(state: dict[str, Any]) -> dict[str, Any]:
-    """A CPU copy of the state for an async save to write while training changes the original: what
-    dcp.async_save stages, here on the caller's thread before the save's thread starts.
-    (BlockingAsyncStager: in every torch since 2.4, where 2.9's DefaultStager is not.)"""
-    return BlockingAsyncStager(cache_staged_state_dict=False).stage(state)
 
 
 def consolidate(source: Path, target: Path) -> None:
