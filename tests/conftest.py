@@ -46,6 +46,7 @@ def _deterministic():
 # --------------------------------------------------------------------------------------------------
 # Real data on disk and real processes
 # --------------------------------------------------------------------------------------------------
+import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -90,6 +91,49 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+# The commands of `run_scripts`, one after another in one interpreter: each as `python <script> <args>`
+# runs it (runpy, __main__), its exit code and output captured; an exception that escapes is reported
+# with its traceback, as Python would print it.
+_EACH_COMMAND = """
+import contextlib, io, json, runpy, sys, traceback
+results = []
+for script, args in json.loads(sys.argv[1]):
+    sys.argv = [script, *args]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append((code, out.getvalue(), err.getvalue()))
+print(json.dumps(results))
+"""
+
+
+def run_scripts(commands: list[tuple[str, list[str]]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Several train.py / eval.py commands (script, overrides) as `run_script` runs each, but in one
+    interpreter, one after another, so that Python, torch and Hydra start once: for the commands that
+    stop before any compute (bad input), whose cost is nearly all start-up. One result per command."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    listed = json.dumps([(str(REPO / script), list(args)) for script, args in commands])
+    ran = subprocess.run(
+        [sys.executable, "-c", _EACH_COMMAND, listed],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return [
+        subprocess.CompletedProcess([script, *args], code, out, err)
+        for (script, args), (code, out, err) in zip(commands, json.loads(ran.stdout), strict=True)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_script
+from conftest import REPO, run_script, run_scripts
 
 from convnext_train.checkpointing.layout import CheckpointDir
 from convnext_train.distributed import Processes
@@ -227,71 +227,92 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> s
     return message
 
 
-def test_missing_data_root_explains_the_layout(tmp_path):
-    result = run_script("train.py", *tiny_run(tmp_path / "nowhere", tmp_path / "run"))
-    assert_user_error(result, str(tmp_path / "nowhere"), "<root>/train/<class>/", "prepare_imagenet.py")
+INVALID_VALUES = [
+    ("trainer.precision=fp8", "trainer.precision=fp8"),
+    ("trainer.global_batch_size=12", "trainer.global_batch_size=12"),
+    ("optimizer.lr=-1", "optimizer.lr=-1"),
+    ("aug.reprob=1.5", "aug.reprob=1.5"),
+    ("ema.decay=1", "ema.decay=1"),
+    ("trainer.strategy=zero3", "trainer.strategy=zero3"),
+    ("trainer.strategy=fsdp trainer.precision=fp16", "fp16 is not supported with trainer.strategy=fsdp"),
+    ("trainer.seed=-1", "trainer.seed=-1"),
+    ("aug.remode=zeros", "aug.remode=zeros"),
+    ("aug.auto_augment=rand-m9-x1", "aug.auto_augment=rand-m9-x1"),  # timm only asserts
+    ("checkpoint.format=zip", "checkpoint.format=zip"),
+    ("checkpoint.async_save=true", "needs checkpoint.format=dcp (it is full here)"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last=0"),
+    ("trainer.slow_work_timeout_minutes=0", "trainer.slow_work_timeout_minutes=0"),
+]
+BAD_EVAL = ["eval.precision=bf32", "eval.device=gpu", "eval.crop_pct=0", "eval.batch_size=0"]
+
+
+@pytest.fixture(scope="module")
+def refused(tiny_imagefolder, module_tmp_path) -> dict[str, subprocess.CompletedProcess]:
+    """Every bad-input command of the tests below, each as `python train.py ...` (or eval.py) runs it,
+    in one interpreter (conftest.run_scripts): each stops before any compute, so its cost is the
+    start-up, paid once here. Keyed by case; `run_dir(case)` is where each ran."""
+    root = module_tmp_path / "refused"
+    empty = root / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    commands = {
+        "missing root": ("train.py", tiny_run(root / "nowhere", run_dir(root, "missing root"))),
+        "unset imagenet": ("train.py", ["model=convnext_atto", "data=imagenet", f"hydra.run.dir={root / 'unset'}"]),
+        "unset ffcv": ("train.py", ["model=convnext_atto", "data=ffcv", f"hydra.run.dir={root / 'unset-ffcv'}"]),
+        "eval settings": ("eval.py", ["model=convnext_atto", *BAD_EVAL, f"hydra.run.dir={root / 'eval'}"]),
+        "empty root": ("train.py", tiny_run(empty, run_dir(root, "empty root"))),
+        "unknown model": ("train.py", [*tiny_run(tiny_imagefolder, run_dir(root, "unknown")), "model=convnext_tinyy"]),
+        "no row": (
+            "train.py",
+            ["experiment=ft_in1k_384", "model=convnext_t", f"data.root={tiny_imagefolder}", f"hydra.run.dir={root}"],
+        ),
+        "long warmup": (
+            "train.py",
+            [*tiny_run(tiny_imagefolder, run_dir(root, "long warmup")), "scheduler.warmup_epochs=3"],
+        ),
+        **{
+            override: ("train.py", [*tiny_run(tiny_imagefolder, run_dir(root, override)), *override.split()])
+            for override, _ in INVALID_VALUES
+        },
+    }
+    results = run_scripts(list(commands.values()))
+    return {"root": root, **dict(zip(commands, results, strict=True))}
+
+
+def run_dir(root: Path, case: str) -> Path:
+    return root / case.replace(" ", "_").replace("=", "-")
+
+
+def test_missing_data_root_explains_the_layout(refused):
+    nowhere = str(refused["root"] / "nowhere")
+    assert_user_error(refused["missing root"], nowhere, "<root>/train/<class>/", "prepare_imagenet.py")
 
 
 @pytest.mark.parametrize("data, layout", [("imagenet", "<root>/train/<class>/"), ("ffcv", "train.beton")])
-def test_unset_data_root_is_asked_for_with_the_layout(tmp_path, data, layout):
-    result = run_script("train.py", "model=convnext_atto", f"data={data}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert_user_error(result, "set data.root", layout)
+def test_unset_data_root_is_asked_for_with_the_layout(refused, data, layout):
+    assert_user_error(refused[f"unset {data}"], "set data.root", layout)
 
 
-def test_eval_settings_are_checked_before_anything_loads(tmp_path):
-    bad = ["eval.precision=bf32", "eval.device=gpu", "eval.crop_pct=0", "eval.batch_size=0"]
-    result = run_script("eval.py", "model=convnext_atto", *bad, f"hydra.run.dir={tmp_path}")
-    assert_user_error(result, *bad)
+def test_eval_settings_are_checked_before_anything_loads(refused):
+    assert_user_error(refused["eval settings"], *BAD_EVAL)
 
 
-def test_empty_data_root_explains_the_layout(tmp_path):
-    (tmp_path / "data" / "train").mkdir(parents=True)
-    (tmp_path / "data" / "val").mkdir()
-    result = run_script("train.py", *tiny_run(tmp_path / "data", tmp_path / "run"))
-    assert_user_error(result, "no usable images", "<root>/train/<class>/")
+def test_empty_data_root_explains_the_layout(refused):
+    assert_user_error(refused["empty root"], "no usable images", "<root>/train/<class>/")
 
 
-def test_unknown_model_lists_the_variants(tmp_path, tiny_imagefolder):
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, tmp_path / "run"), "model=convnext_tinyy")
+def test_unknown_model_lists_the_variants(refused):
+    result = refused["unknown model"]
     assert result.returncode != 0
     assert "Could not find 'model/convnext_tinyy'" in result.stderr
     assert "convnext_t\n" in result.stderr and "convnextv2_atto" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-# Two of these run in the fast set; each is a train.py start-up (~7 s), so the rest are marked slow.
-@pytest.mark.parametrize(
-    "override, key",
-    [
-        ("trainer.precision=fp8", "trainer.precision=fp8"),
-        pytest.param("trainer.global_batch_size=12", "trainer.global_batch_size=12", marks=pytest.mark.slow),
-        pytest.param("optimizer.lr=-1", "optimizer.lr=-1", marks=pytest.mark.slow),
-        pytest.param("aug.reprob=1.5", "aug.reprob=1.5", marks=pytest.mark.slow),
-        pytest.param("ema.decay=1", "ema.decay=1", marks=pytest.mark.slow),
-        pytest.param("trainer.strategy=zero3", "trainer.strategy=zero3", marks=pytest.mark.slow),
-        pytest.param(
-            "trainer.strategy=fsdp trainer.precision=fp16",
-            "fp16 is not supported with trainer.strategy=fsdp",
-            marks=pytest.mark.slow,
-        ),
-        pytest.param("trainer.seed=-1", "trainer.seed=-1", marks=pytest.mark.slow),
-        pytest.param("aug.remode=zeros", "aug.remode=zeros", marks=pytest.mark.slow),
-        pytest.param(
-            "aug.auto_augment=rand-m9-x1", "aug.auto_augment=rand-m9-x1", marks=pytest.mark.slow
-        ),  # timm only asserts
-        pytest.param("checkpoint.format=zip", "checkpoint.format=zip", marks=pytest.mark.slow),
-        ("checkpoint.async_save=true", "needs checkpoint.format=dcp (it is full here)"),
-        pytest.param("checkpoint.keep_last=0", "checkpoint.keep_last=0", marks=pytest.mark.slow),
-        pytest.param(
-            "trainer.slow_work_timeout_minutes=0", "trainer.slow_work_timeout_minutes=0", marks=pytest.mark.slow
-        ),
-    ],
-)
-def test_invalid_config_value_fails_before_any_compute(tmp_path, tiny_imagefolder, override, key):
-    run_dir = tmp_path / "run"
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir), *override.split())
-    assert_user_error(result, key)
-    assert not (run_dir / "checkpoints").exists()
+@pytest.mark.parametrize("override, key", INVALID_VALUES)
+def test_invalid_config_value_fails_before_any_compute(refused, override, key):
+    assert_user_error(refused[override], key)
+    assert not (run_dir(refused["root"], override) / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -479,17 +500,9 @@ def test_pretraining_without_a_validation_split_skips_evaluation(tiny_imagefolde
     assert load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
 
 
-def test_an_experiment_without_a_row_for_the_model_names_the_variants_it_covers(tiny_imagefolder, tmp_path):
-    result = run_script(
-        "train.py",
-        "experiment=ft_in1k_384",
-        "model=convnext_t",
-        f"data.root={tiny_imagefolder}",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert_user_error(result, "ft_in1k_384", "model=convnext_t", "convnext_b, convnext_l")
+def test_an_experiment_without_a_row_for_the_model_names_the_variants_it_covers(refused):
+    assert_user_error(refused["no row"], "ft_in1k_384", "model=convnext_t", "convnext_b, convnext_l")
 
 
-def test_warmup_longer_than_the_run_is_refused(tiny_imagefolder, tmp_path):
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, tmp_path / "run"), "scheduler.warmup_epochs=3")
-    assert_user_error(result, "scheduler.warmup_epochs=3", "trainer.epochs=2")
+def test_warmup_longer_than_the_run_is_refused(refused):
+    assert_user_error(refused["long warmup"], "scheduler.warmup_epochs=3", "trainer.epochs=2")
