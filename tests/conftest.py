@@ -94,8 +94,8 @@ def run_script(
 
 
 # The commands of `run_scripts`, one after another in one interpreter: each as `python <script> <args>`
-# runs it (runpy, __main__), its exit code and output captured; an exception that escapes is reported
-# with its traceback, as Python would print it.
+# (or `python -m <module> <args>`) runs it (runpy, as __main__), its exit code and output captured; an
+# exception that escapes is reported with its traceback, as Python would print it.
 _EACH_COMMAND = """
 import contextlib, io, json, runpy, sys, traceback
 results = []
@@ -104,7 +104,10 @@ for script, args in json.loads(sys.argv[1]):
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            runpy.run_path(script, run_name="__main__")
+            if script.endswith(".py"):
+                runpy.run_path(script, run_name="__main__")
+            else:
+                runpy.run_module(script, run_name="__main__", alter_sys=True)
         except SystemExit as exit:
             code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
         except BaseException:
@@ -116,11 +119,12 @@ print(json.dumps(results))
 
 
 def run_scripts(commands: list[tuple[str, list[str]]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Several train.py / eval.py commands (script, overrides) as `run_script` runs each, but in one
-    interpreter, one after another, so that Python, torch and Hydra start once: for the commands that
-    stop before any compute (bad input), whose cost is nearly all start-up. One result per command."""
+    """Several commands (a script of the repository, or a module such as `convnext_train.bench`, and its
+    arguments) as `run_script` runs each, but in one interpreter, one after another, so that Python,
+    torch and Hydra start once: for commands whose cost is nearly all start-up (bad input that stops
+    before any compute, a few steps of the bench). One result per command."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    listed = json.dumps([(str(REPO / script), list(args)) for script, args in commands])
+    listed = json.dumps([(str(REPO / s) if s.endswith(".py") else s, list(args)) for s, args in commands])
     ran = subprocess.run(
         [sys.executable, "-c", _EACH_COMMAND, listed],
         cwd=REPO,

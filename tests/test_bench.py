@@ -7,7 +7,6 @@ are measured by the bench, not asserted by tests.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import MODEL_NAMES, REPO, run_script
+from conftest import MODEL_NAMES, REPO, run_script, run_scripts
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -41,16 +40,21 @@ TINY_BENCH = [
 ]
 
 
-def run_bench(*arguments: str) -> subprocess.CompletedProcess:
-    """The bench as a user runs it, from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", "convnext_train.bench", *arguments],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+@pytest.fixture(scope="module")
+def bench_runs(tiny_imagefolder) -> dict[str, subprocess.CompletedProcess]:
+    """`python -m convnext_train.bench ...` as a user runs it from the repository root, for every
+    command the tests below read, in one interpreter (conftest.run_scripts): a few tiny steps each."""
+    commands = {
+        "step vs timm": ["step", *TINY_BENCH, "vs=timm"],
+        "step vs bare": ["step", *TINY_BENCH, "vs=bare"],
+        "step given global batch": ["step", *TINY_BENCH, "trainer.global_batch_size=8", "rounds=1"],
+        "eval vs timm": ["eval", *TINY_BENCH, "vs=timm"],
+        "loader": [
+            "loader", *TINY_BENCH, f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.num_workers=0"
+        ],
+    }  # fmt: skip
+    results = run_scripts([("convnext_train.bench", args) for args in commands.values()])
+    return dict(zip(commands, results, strict=True))
 
 
 def json_rows(stdout: str) -> list[dict]:
@@ -80,8 +84,8 @@ def assert_row(row: dict, *, bench: str, impl: str, has_mfu: bool = True) -> Non
 # The command
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rival", ["timm", "bare"])
-def test_step_against_a_rival(rival):
-    result = run_bench("step", *TINY_BENCH, f"vs={rival}")
+def test_step_against_a_rival(bench_runs, rival):
+    result = bench_runs[f"step vs {rival}"]
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = json_rows(result.stdout)
     assert_row(ours, bench="step", impl="ours")
@@ -94,16 +98,16 @@ def test_step_against_a_rival(rival):
     assert re.search(rf"^ours / {rival} images/s: \d+\.\d+", result.stdout, re.MULTILINE)
 
 
-def test_step_keeps_a_given_global_batch():
-    result = run_bench("step", *TINY_BENCH, "trainer.global_batch_size=8", "rounds=1")
+def test_step_keeps_a_given_global_batch(bench_runs):
+    result = bench_runs["step given global batch"]
     assert result.returncode == 0, result.stderr[-3000:]
     (ours,) = json_rows(result.stdout)
     assert ours["settings"]["config"]["trainer"]["global_batch_size"] == 8
     assert "micro 4" in result.stdout  # two micro-batches per timed step
 
 
-def test_eval_against_timm():
-    result = run_bench("eval", *TINY_BENCH, "vs=timm")
+def test_eval_against_timm(bench_runs):
+    result = bench_runs["eval vs timm"]
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = json_rows(result.stdout)
     assert_row(ours, bench="eval", impl="ours")
@@ -111,10 +115,8 @@ def test_eval_against_timm():
     assert re.search(r"^ours / timm images/s: \d+\.\d+", result.stdout, re.MULTILINE)
 
 
-def test_loader_on_an_imagefolder(tiny_imagefolder):
-    result = run_bench(
-        "loader", *TINY_BENCH, f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.num_workers=0"
-    )
+def test_loader_on_an_imagefolder(bench_runs):
+    result = bench_runs["loader"]
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json_rows(result.stdout)
     assert_row(row, bench="loader", impl="ours", has_mfu=False)
@@ -141,9 +143,8 @@ def test_loader_on_ffcv_beton_files(tmp_path):
         text=True,
     )
     assert writer.returncode == 0, writer.stderr[-3000:]
-    result = run_bench(
-        "loader", *TINY_BENCH, "data=ffcv", f"data.root={tmp_path / 'ffcv'}", "data.num_classes=4", "data.num_workers=1"
-    )
+    loader = ["loader", *TINY_BENCH, "data=ffcv", f"data.root={tmp_path / 'ffcv'}", "data.num_classes=4"]
+    (result,) = run_scripts([("convnext_train.bench", [*loader, "data.num_workers=1"])])
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json_rows(result.stdout)
     assert_row(row, bench="loader", impl="ours", has_mfu=False)
