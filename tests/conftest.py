@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,15 @@ def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
     return model
 
 
+# pytest-xdist runs test modules on several workers (pyproject.toml): each worker, and the train.py
+# runs it starts, takes its share of the cores, so that the workers do not oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -47,7 +57,6 @@ def _deterministic():
 # Real data on disk and real processes
 # --------------------------------------------------------------------------------------------------
 import json  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
