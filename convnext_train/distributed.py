@@ -148,7 +148,7 @@ def shutdown() -> None:
 def store() -> dist.Store:
     # The default group's rendezvous store (torchrun's agent, or rank 0's TCPStore under SLURM): a
     # server thread that answers while a rank's main thread is stuck.
-    return dist.distributed_c10d._get_defaultstore()
+    return dist.distributed_c10d._get_default_store()
 
 
 # --------------------------------------------------------------------------------------------------
