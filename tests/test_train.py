@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_script, run_scripts
+from conftest import REPO, make_imagefolder, run_script, run_scripts
 
 from convnext_train.checkpointing.layout import CheckpointDir
 from convnext_train.distributed import Processes
@@ -138,15 +139,13 @@ def test_lr_of_every_step_equals_the_official_schedule(finished_run):
     assert lrs[0] == 0.0 and lrs[3] == pytest.approx(4e-3)
 
 
-def test_rerunning_a_finished_run_does_nothing(finished_run, tiny_imagefolder):
-    run_dir, _ = finished_run
-    before = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir))
+def test_rerunning_a_finished_run_does_nothing(runs):
+    result, rerun = runs["rerun"], case_dir(runs["root"], "rerun")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "nothing to do" in result.stdout
-    assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == before
+    assert (rerun / "checkpoints" / "last.pt").stat().st_mtime_ns == runs["last_before_rerun"]
     # The job that resumed (holding the lock) records its own command, as Hydra did before.
-    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    overrides = yaml.safe_load((rerun / ".hydra" / "overrides.yaml").read_text())
     assert "trainer.epochs=2" in overrides and "checkpoint.every_minutes=0.0001" not in overrides
 
 
@@ -246,63 +245,121 @@ INVALID_VALUES = [
 BAD_EVAL = ["eval.precision=bf32", "eval.device=gpu", "eval.crop_pct=0", "eval.batch_size=0"]
 
 
+class _Payload:
+    """Unpickling this runs `Path.touch` on the marker: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 @pytest.fixture(scope="module")
-def refused(tiny_imagefolder, module_tmp_path) -> dict[str, subprocess.CompletedProcess]:
-    """Every bad-input command of the tests below, each as `python train.py ...` (or eval.py) runs it,
-    in one interpreter (conftest.run_scripts): each stops before any compute, so its cost is the
-    start-up, paid once here. Keyed by case; `run_dir(case)` is where each ran."""
-    root = module_tmp_path / "refused"
+def runs(finished_run, tiny_imagefolder, module_tmp_path) -> dict:
+    """The train.py / eval.py commands of the tests below, each as `python train.py ...` runs it, in one
+    interpreter (conftest.run_scripts): most stop before any compute (bad input) or run a few tiny
+    steps, so their cost is the start-up, paid once here. Keyed by case; `case_dir(root, case)` is
+    where each ran, `root` the folder they share."""
+    root = module_tmp_path / "runs"
     empty = root / "empty"
     (empty / "train").mkdir(parents=True)
     (empty / "val").mkdir()
+    finished, last = finished_run[0], finished_run[0] / "checkpoints" / "last.pt"
+    rerun = shutil.copytree(finished, case_dir(root, "rerun"))  # a copy: the rerun records its own command
+    hostile = root / "hostile.pth"
+    torch.save({"model": {}, "extra": _Payload(root / "payload-ran")}, hostile)
+    three_classes = make_imagefolder(root / "three", classes=3)
+    scored = ["model=convnext_atto", f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.img_size=32"]
     commands = {
-        "missing root": ("train.py", tiny_run(root / "nowhere", run_dir(root, "missing root"))),
+        "missing root": ("train.py", tiny_run(root / "nowhere", case_dir(root, "missing root"))),
         "unset imagenet": ("train.py", ["model=convnext_atto", "data=imagenet", f"hydra.run.dir={root / 'unset'}"]),
         "unset ffcv": ("train.py", ["model=convnext_atto", "data=ffcv", f"hydra.run.dir={root / 'unset-ffcv'}"]),
         "eval settings": ("eval.py", ["model=convnext_atto", *BAD_EVAL, f"hydra.run.dir={root / 'eval'}"]),
-        "empty root": ("train.py", tiny_run(empty, run_dir(root, "empty root"))),
-        "unknown model": ("train.py", [*tiny_run(tiny_imagefolder, run_dir(root, "unknown")), "model=convnext_tinyy"]),
+        "empty root": ("train.py", tiny_run(empty, case_dir(root, "empty root"))),
+        "unknown model": ("train.py", [*tiny_run(tiny_imagefolder, case_dir(root, "unknown")), "model=convnext_tinyy"]),
         "no row": (
             "train.py",
             ["experiment=ft_in1k_384", "model=convnext_t", f"data.root={tiny_imagefolder}", f"hydra.run.dir={root}"],
         ),
         "long warmup": (
             "train.py",
-            [*tiny_run(tiny_imagefolder, run_dir(root, "long warmup")), "scheduler.warmup_epochs=3"],
+            [*tiny_run(tiny_imagefolder, case_dir(root, "long warmup")), "scheduler.warmup_epochs=3"],
         ),
         **{
-            override: ("train.py", [*tiny_run(tiny_imagefolder, run_dir(root, override)), *override.split()])
+            override: ("train.py", [*tiny_run(tiny_imagefolder, case_dir(root, override)), *override.split()])
             for override, _ in INVALID_VALUES
         },
+        "hostile": ("eval.py", ["model=convnext_atto", f"checkpoint={hostile}", f"hydra.run.dir={root / 'hostile'}"]),
+        "other architecture": ("eval.py", ["model=convnext_femto", f"checkpoint={last}", "data.num_classes=4"]),
+        "rerun": ("train.py", tiny_run(tiny_imagefolder, rerun)),
+        "eval": (
+            "eval.py",
+            [
+                *scored,
+                "data.num_workers=0",
+                f"checkpoint=[{last},{last}]",
+                "eval.use_ema=true",
+                f"hydra.run.dir={root / 'scored'}",
+            ],
+        ),
+        "non-finite": (
+            "train.py",
+            [
+                *tiny_run(tiny_imagefolder, case_dir(root, "non-finite"), "checkpoint.every_minutes=0.0001"),
+                *["optimizer.lr=1e30", "scheduler.warmup_epochs=0", "ema.enabled=false"],
+            ],
+        ),
+        "finetune": (
+            "train.py",
+            [
+                *tiny_run(three_classes, case_dir(root, "finetune"), "data.num_classes=3", "trainer.epochs=1"),
+                *[f"finetune.checkpoint={last}", "optimizer.lr=1e-12", "finetune.use_ema=true"],
+            ],
+        ),
+        "scaled lr": (
+            "train.py",
+            tiny_run(
+                tiny_imagefolder,
+                case_dir(root, "scaled lr"),
+                *["optimizer.scale_lr_with_batch=true", "optimizer.lr_reference_batch=64", "trainer.epochs=1"],
+                "scheduler.warmup_epochs=1",
+            ),
+        ),
+        "no val split": (
+            "train.py",
+            tiny_run(tiny_imagefolder, case_dir(root, "no val split"), "data.val_split=null", "trainer.epochs=1"),
+        ),
     }
+    last_before_rerun = (rerun / "checkpoints" / "last.pt").stat().st_mtime_ns
     results = run_scripts(list(commands.values()))
-    return {"root": root, **dict(zip(commands, results, strict=True))}
+    return {"root": root, "last_before_rerun": last_before_rerun, **dict(zip(commands, results, strict=True))}
 
 
-def run_dir(root: Path, case: str) -> Path:
+def case_dir(root: Path, case: str) -> Path:
     return root / case.replace(" ", "_").replace("=", "-")
 
 
-def test_missing_data_root_explains_the_layout(refused):
-    nowhere = str(refused["root"] / "nowhere")
-    assert_user_error(refused["missing root"], nowhere, "<root>/train/<class>/", "prepare_imagenet.py")
+def test_missing_data_root_explains_the_layout(runs):
+    nowhere = str(runs["root"] / "nowhere")
+    assert_user_error(runs["missing root"], nowhere, "<root>/train/<class>/", "prepare_imagenet.py")
 
 
 @pytest.mark.parametrize("data, layout", [("imagenet", "<root>/train/<class>/"), ("ffcv", "train.beton")])
-def test_unset_data_root_is_asked_for_with_the_layout(refused, data, layout):
-    assert_user_error(refused[f"unset {data}"], "set data.root", layout)
+def test_unset_data_root_is_asked_for_with_the_layout(runs, data, layout):
+    assert_user_error(runs[f"unset {data}"], "set data.root", layout)
 
 
-def test_eval_settings_are_checked_before_anything_loads(refused):
-    assert_user_error(refused["eval settings"], *BAD_EVAL)
+def test_eval_settings_are_checked_before_anything_loads(runs):
+    assert_user_error(runs["eval settings"], *BAD_EVAL)
 
 
-def test_empty_data_root_explains_the_layout(refused):
-    assert_user_error(refused["empty root"], "no usable images", "<root>/train/<class>/")
+def test_empty_data_root_explains_the_layout(runs):
+    assert_user_error(runs["empty root"], "no usable images", "<root>/train/<class>/")
 
 
-def test_unknown_model_lists_the_variants(refused):
-    result = refused["unknown model"]
+def test_unknown_model_lists_the_variants(runs):
+    result = runs["unknown model"]
     assert result.returncode != 0
     assert "Could not find 'model/convnext_tinyy'" in result.stderr
     assert "convnext_t\n" in result.stderr and "convnextv2_atto" in result.stderr
@@ -310,9 +367,9 @@ def test_unknown_model_lists_the_variants(refused):
 
 
 @pytest.mark.parametrize("override, key", INVALID_VALUES)
-def test_invalid_config_value_fails_before_any_compute(refused, override, key):
-    assert_user_error(refused[override], key)
-    assert not (run_dir(refused["root"], override) / "checkpoints").exists()
+def test_invalid_config_value_fails_before_any_compute(runs, override, key):
+    assert_user_error(runs[override], key)
+    assert not (case_dir(runs["root"], override) / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -332,17 +389,9 @@ def test_corrupt_image_is_named_and_can_be_skipped(tmp_path):
     assert summary["skipped_images"] == 1  # one epoch sees every training image exactly once
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_imagefolder):
-    run_dir = tmp_path / "run"
-    result = run_script(
-        "train.py",
-        *tiny_run(tiny_imagefolder, run_dir, "checkpoint.every_minutes=0.0001"),
-        "optimizer.lr=1e30",
-        "scheduler.warmup_epochs=0",
-        "ema.enabled=false",
-    )
-    message = assert_user_error(result, "non-finite", "step")
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(runs):
+    message = assert_user_error(runs["non-finite"], "non-finite", "step")
+    checkpoints = sorted((case_dir(runs["root"], "non-finite") / "checkpoints").glob("step_*.pt"))
     stopped_at = int(message.split("step ")[1].split(";")[0].split()[0])
     for path in checkpoints:
         checkpoint = load(path)
@@ -350,32 +399,18 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
 
 
-def test_eval_refuses_a_checkpoint_for_another_architecture(finished_run, tiny_imagefolder):
-    run_dir, _ = finished_run
-    result = run_script(
-        "eval.py", "model=convnext_femto", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "data.num_classes=4"
-    )
-    assert_user_error(result, "different architecture", "shape")
+def test_eval_refuses_a_checkpoint_for_another_architecture(runs):
+    assert_user_error(runs["other architecture"], "different architecture", "shape")
 
 
 # --------------------------------------------------------------------------------------------------
 # eval.py scores what train.py wrote, with the official protocol
 # --------------------------------------------------------------------------------------------------
-def test_eval_scores_checkpoints_and_agrees_with_training(finished_run, tiny_imagefolder, tmp_path):
+def test_eval_scores_checkpoints_and_agrees_with_training(finished_run, runs):
     run_dir, _ = finished_run
-    last = run_dir / "checkpoints" / "last.pt"
-    common = [
-        "model=convnext_atto",
-        f"data.root={tiny_imagefolder}",
-        "data.num_classes=4",
-        "data.img_size=32",
-        "data.num_workers=0",
-    ]
-    result = run_script(
-        "eval.py", *common, f"checkpoint=[{last},{last}]", "eval.use_ema=true", f"hydra.run.dir={tmp_path}"
-    )
+    result = runs["eval"]
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = json.loads((tmp_path / "eval.json").read_text())
+    scores = json.loads((runs["root"] / "scored" / "eval.json").read_text())
     assert len(scores) == 2 and scores[0]["images"] == 16
     final_eval = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "top1" in r][-1]
     assert scores[0]["top1"] == pytest.approx(final_eval["top1_ema"])
@@ -405,23 +440,9 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(tiny_imagefolder, tmp_
     assert wandb_summary(records)["best_top1"] == summary["best_top1"]
 
 
-class _Payload:
-    """Unpickling this runs `Path.touch` on the marker: what a hostile checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_eval_refuses_a_hostile_checkpoint_without_running_it(tmp_path):
-    marker = tmp_path / "payload-ran"
-    hostile = tmp_path / "hostile.pth"
-    torch.save({"model": {}, "extra": _Payload(marker)}, hostile)
-    result = run_script("eval.py", "model=convnext_atto", f"checkpoint={hostile}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert_user_error(result, str(hostile), "eval.trust_checkpoint=true")
-    assert not marker.exists()
+def test_eval_refuses_a_hostile_checkpoint_without_running_it(runs):
+    assert_user_error(runs["hostile"], str(runs["root"] / "hostile.pth"), "eval.trust_checkpoint=true")
+    assert not (runs["root"] / "payload-ran").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,26 +465,19 @@ def test_digits_demo_reaches_98_percent_on_the_held_out_split(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning, lr scaling, pre-training without a validation split
 # --------------------------------------------------------------------------------------------------
-def test_finetuning_loads_the_backbone_and_reinitialises_a_head_of_another_size(finished_run, tmp_path):
-    from conftest import make_imagefolder
-
-    pretrained_path = finished_run[0] / "checkpoints" / "last.pt"
-    three_classes = make_imagefolder(tmp_path / "data", classes=3)
-    run_dir = tmp_path / "run"
-    args = tiny_run(
-        three_classes, run_dir, "data.num_classes=3", "trainer.epochs=1", f"finetune.checkpoint={pretrained_path}"
-    )
+def test_finetuning_loads_the_backbone_and_reinitialises_a_head_of_another_size(finished_run, runs):
     # An lr of 1e-12 leaves the weights where fine-tuning started them.
-    result = run_script("train.py", *args, "optimizer.lr=1e-12", "finetune.use_ema=true")
+    result, tuned_dir = runs["finetune"], case_dir(runs["root"], "finetune")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the head is re-initialised for 3 classes" in result.stdout
-    pretrained, tuned = load(pretrained_path)["model_ema"], load(run_dir / "checkpoints" / "last.pt")["model"]
+    pretrained = load(finished_run[0] / "checkpoints" / "last.pt")["model_ema"]
+    tuned = load(tuned_dir / "checkpoints" / "last.pt")["model"]
     assert tuned["head.weight"].shape == (3, 320)
     backbone = [k for k in pretrained if not k.startswith("head.")]
     assert all(torch.allclose(tuned[k], pretrained[k], atol=1e-8) for k in backbone)
 
 
-def test_lr_follows_the_global_batch_only_when_asked(finished_run, tiny_imagefolder, tmp_path):
+def test_lr_follows_the_global_batch_only_when_asked(runs):
     from omegaconf import OmegaConf
 
     from convnext_train.parts import peak_lr
@@ -477,32 +491,24 @@ def test_lr_follows_the_global_batch_only_when_asked(finished_run, tiny_imagefol
     assert peak_lr(cfg) == 4e-3
     cfg.optimizer.scale_lr_with_batch = True
     assert peak_lr(cfg) == pytest.approx(1e-3)
-    run_dir = tmp_path / "run"
-    extra = (
-        "optimizer.scale_lr_with_batch=true",
-        "optimizer.lr_reference_batch=64",
-        "trainer.epochs=1",
-        "scheduler.warmup_epochs=1",
-    )
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, *extra))
+    result = runs["scaled lr"]
     assert result.returncode == 0, result.stderr[-3000:]
-    lrs = [r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "lr" in r]
+    lrs = [r["lr"] for r in read_jsonl(case_dir(runs["root"], "scaled lr") / "metrics.jsonl") if "lr" in r]
     assert max(lrs) == pytest.approx(4e-3 * 16 / 64)
 
 
-def test_pretraining_without_a_validation_split_skips_evaluation(tiny_imagefolder, tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_script("train.py", *tiny_run(tiny_imagefolder, run_dir, "data.val_split=null", "trainer.epochs=1"))
+def test_pretraining_without_a_validation_split_skips_evaluation(runs):
+    result, pretrained = runs["no val split"], case_dir(runs["root"], "no val split")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not [r for r in read_jsonl(run_dir / "metrics.jsonl") if "top1" in r]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not [r for r in read_jsonl(pretrained / "metrics.jsonl") if "top1" in r]
+    summary = json.loads((pretrained / "summary.json").read_text())
     assert summary["top1"] is None and summary["best_top1"] is None and summary["best_top1_ema"] is None
-    assert load(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load(pretrained / "checkpoints" / "last.pt")["epoch"] == 1
 
 
-def test_an_experiment_without_a_row_for_the_model_names_the_variants_it_covers(refused):
-    assert_user_error(refused["no row"], "ft_in1k_384", "model=convnext_t", "convnext_b, convnext_l")
+def test_an_experiment_without_a_row_for_the_model_names_the_variants_it_covers(runs):
+    assert_user_error(runs["no row"], "ft_in1k_384", "model=convnext_t", "convnext_b, convnext_l")
 
 
-def test_warmup_longer_than_the_run_is_refused(refused):
-    assert_user_error(refused["long warmup"], "scheduler.warmup_epochs=3", "trainer.epochs=2")
+def test_warmup_longer_than_the_run_is_refused(runs):
+    assert_user_error(runs["long warmup"], "scheduler.warmup_epochs=3", "trainer.epochs=2")
