@@ -104,11 +104,14 @@ def run_script(
 
 # The commands of `run_scripts`, one after another in one interpreter: each as `python <script> <args>`
 # (or `python -m <module> <args>`) runs it (runpy, as __main__), its exit code and output captured; an
-# exception that escapes is reported with its traceback, as Python would print it.
+# exception that escapes is reported with its traceback, as Python would print it. A command may name
+# packages to hide first (None in sys.modules: importing one fails for real, as a missing package's).
 _EACH_COMMAND = """
 import contextlib, io, json, runpy, sys, traceback
 results = []
-for script, args in json.loads(sys.argv[1]):
+for script, args, missing in json.loads(sys.argv[1]):
+    for package in missing:
+        sys.modules[package] = None
     sys.argv = [script, *args]
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -127,13 +130,19 @@ print(json.dumps(results))
 """
 
 
-def run_scripts(commands: list[tuple[str, list[str]]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+def run_scripts(commands: list[tuple], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """Several commands (a script of the repository, or a module such as `convnext_train.bench`, and its
     arguments) as `run_script` runs each, but in one interpreter, one after another, so that Python,
     torch and Hydra start once: for commands whose cost is nearly all start-up (bad input that stops
-    before any compute, a few steps of the bench). One result per command."""
+    before any compute, a few steps of the bench). A command is (script or module, arguments[, packages
+    to hide from it and every later command]). One result per command."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    listed = json.dumps([(str(REPO / s) if s.endswith(".py") else s, list(args)) for s, args in commands])
+    listed = json.dumps(
+        [
+            (str(REPO / c[0]) if c[0].endswith(".py") else c[0], list(c[1]), list(c[2:][0] if c[2:] else []))
+            for c in commands
+        ]
+    )
     ran = subprocess.run(
         [sys.executable, "-c", _EACH_COMMAND, listed],
         cwd=REPO,
@@ -144,8 +153,8 @@ def run_scripts(commands: list[tuple[str, list[str]]], timeout: float = 600) -> 
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     return [
-        subprocess.CompletedProcess([script, *args], code, out, err)
-        for (script, args), (code, out, err) in zip(commands, json.loads(ran.stdout), strict=True)
+        subprocess.CompletedProcess([command[0], *command[1]], code, out, err)
+        for command, (code, out, err) in zip(commands, json.loads(ran.stdout), strict=True)
     ]
 
 

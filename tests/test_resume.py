@@ -263,7 +263,8 @@ def test_a_resume_that_changes_the_recipe_is_refused_naming_each_key_then_allowe
 # --------------------------------------------------------------------------------------------------
 # Out of disk
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("checkpoint_format", ["full", pytest.param("dcp", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two runs, one in a mount namespace of its own: ~25 s
+@pytest.mark.parametrize("checkpoint_format", ["full", "dcp"])
 def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(tmp_path, tiny_imagefolder, checkpoint_format):
     """The run directory on a real filesystem with room for one checkpoint and a half (a tmpfs, in a
     mount namespace of the run's own): the second checkpoint cannot be written, as one file or as a

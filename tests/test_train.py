@@ -372,6 +372,33 @@ def test_invalid_config_value_fails_before_any_compute(runs, override, key):
     assert not (case_dir(runs["root"], override) / "checkpoints").exists()
 
 
+def test_train_py_without_an_optional_extra_says_how_to_install_it(tmp_path):
+    """The imports fail for real: None in sys.modules stops each, as a missing package does. (The
+    other data=ffcv and data=hf errors are UserErrors from the same places: train.py prints them the
+    same way.)"""
+    ffcv, hf = run_scripts(
+        [
+            ("train.py", ["data=ffcv", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'ffcv'}"], ["ffcv"]),
+            (
+                "train.py",
+                ["data=hf", f"data.root={tmp_path}", "data.num_classes=4", f"hydra.run.dir={tmp_path / 'hf'}"],
+                ["datasets"],
+            ),
+        ]
+    )
+    message = assert_user_error(
+        ffcv,
+        "needs the ffcv package",
+        "apt-get install pkg-config libturbojpeg0-dev libopencv-dev",
+        "pip install -e '.[ffcv]'",
+    )
+    assert len(message) < 400
+    message = assert_user_error(
+        hf, "data.kind=hf needs the Hugging Face datasets package", "pip install 'convnext-train[hf]'"
+    )
+    assert len(message) < 300
+
+
 @pytest.mark.slow
 def test_corrupt_image_is_named_and_can_be_skipped(tmp_path):
     from conftest import make_imagefolder
