@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import run_forked
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -56,7 +57,6 @@ def _deterministic():
 # --------------------------------------------------------------------------------------------------
 # Real data on disk and real processes
 # --------------------------------------------------------------------------------------------------
-import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -88,9 +88,13 @@ def make_imagefolder(
 
 
 def run_script(
-    script: str, *overrides: str, timeout: float = 600, env: dict | None = None
+    script: str, *overrides: str, timeout: float = 600, env: dict | None = None, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run train.py / eval.py as a user would, in a subprocess, from the repository root."""
+    """Run train.py / eval.py as a user would, from the repository root: a process of its own, forked
+    from the tests' fork server (tests/forked.py: the imports are paid once), or with `fresh` a new
+    interpreter (for what happens during the imports themselves)."""
+    if not fresh:
+        return run_forked(script, *overrides, timeout=timeout, env=env)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / script), *overrides],
@@ -102,60 +106,11 @@ def run_script(
     )
 
 
-# The commands of `run_scripts`, one after another in one interpreter: each as `python <script> <args>`
-# (or `python -m <module> <args>`) runs it (runpy, as __main__), its exit code and output captured; an
-# exception that escapes is reported with its traceback, as Python would print it. A command may name
-# packages to hide first (None in sys.modules: importing one fails for real, as a missing package's).
-_EACH_COMMAND = """
-import contextlib, io, json, runpy, sys, traceback
-results = []
-for script, args, missing in json.loads(sys.argv[1]):
-    for package in missing:
-        sys.modules[package] = None
-    sys.argv = [script, *args]
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            if script.endswith(".py"):
-                runpy.run_path(script, run_name="__main__")
-            else:
-                runpy.run_module(script, run_name="__main__", alter_sys=True)
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append((code, out.getvalue(), err.getvalue()))
-print(json.dumps(results))
-"""
-
-
-def run_scripts(commands: list[tuple], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Several commands (a script of the repository, or a module such as `convnext_train.bench`, and its
-    arguments) as `run_script` runs each, but in one interpreter, one after another, so that Python,
-    torch and Hydra start once: for commands whose cost is nearly all start-up (bad input that stops
-    before any compute, a few steps of the bench). A command is (script or module, arguments[, packages
-    to hide from it and every later command]). One result per command."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    listed = json.dumps(
-        [
-            (str(REPO / c[0]) if c[0].endswith(".py") else c[0], list(c[1]), list(c[2:][0] if c[2:] else []))
-            for c in commands
-        ]
-    )
-    ran = subprocess.run(
-        [sys.executable, "-c", _EACH_COMMAND, listed],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    return [
-        subprocess.CompletedProcess([command[0], *command[1]], code, out, err)
-        for command, (code, out, err) in zip(commands, json.loads(ran.stdout), strict=True)
-    ]
+def run_scripts(commands: list[tuple]) -> list[subprocess.CompletedProcess]:
+    """Several commands, each (a script of the repository or a module such as `convnext_train.bench`,
+    its arguments[, packages to hide from it]), one after another, each a process of its own forked
+    from the fork server. One result per command."""
+    return [run_forked(command[0], *command[1], hide=tuple(command[2]) if command[2:] else ()) for command in commands]
 
 
 @pytest.fixture(scope="module")

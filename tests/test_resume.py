@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, build_model, run_script
+from forked import start_script
 from test_train import (
     assert_same_tensors,
     assert_user_error,
@@ -45,7 +46,11 @@ def copy_run(source: Path, target: Path) -> Path:
     return target
 
 
-def launch(args: list[str]) -> subprocess.Popen:
+def launch(args: list[str], *, fresh: bool = False):
+    """train.py in the background: forked from the tests' fork server (tests/forked.py), or with
+    `fresh` a new interpreter (for what happens during its imports; its stdout can be read live)."""
+    if not fresh:
+        return start_script("train.py", *args)
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=REPO,
@@ -57,9 +62,9 @@ def launch(args: list[str]) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def running(args: list[str]):
+def running(args: list[str], *, fresh: bool = False):
     """train.py in the background, killed if the test leaves it running."""
-    process = launch(args)
+    process = launch(args, fresh=fresh)
     try:
         yield process
     finally:
@@ -192,7 +197,7 @@ def test_a_second_job_is_refused_and_sigterm_saves_at_the_next_step_then_the_rer
 
 def test_a_stop_signal_during_start_up_stops_cleanly_before_the_first_step(tiny_imagefolder, tmp_path):
     run_dir = tmp_path / "run"
-    with running(tiny_run(tiny_imagefolder, run_dir)) as process:
+    with running(tiny_run(tiny_imagefolder, run_dir), fresh=True) as process:
         time.sleep(1.0)  # importing torch and Hydra, not yet training
         stdout, stderr, _ = terminate(process)
     assert process.returncode == 0, stderr[-3000:]
@@ -206,7 +211,7 @@ def test_convnext_t_saves_and_exits_within_seconds_of_sigterm(tiny_imagefolder, 
     KillWait gives 30 s between SIGTERM and SIGKILL."""
     run_dir = tmp_path / "run"
     args = tiny_run(tiny_imagefolder, run_dir, "model=convnext_t", "trainer.epochs=100", "trainer.log_every=1000")
-    with running(args) as process:
+    with running(args, fresh=True) as process:
         deadline = time.monotonic() + 300
         while "run directory:" not in process.stdout.readline():
             assert process.poll() is None and time.monotonic() < deadline

@@ -108,7 +108,9 @@ def cuda_tests_item(device: torch.device) -> dict[str, Any]:
         import pytest  # noqa: F401
     except ImportError:
         return {"status": "skipped", "reason": "pytest is not installed: add it to the offline wheels (EXTRA=pytest)"}
-    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TEST_FILES]
+    # `-o addopts=`: in this one process, without pyproject's parallel workers (no pytest-xdist there).
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o", "addopts=", "-m", "cuda"]
+    command += CUDA_TEST_FILES
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
