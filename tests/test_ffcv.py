@@ -46,17 +46,39 @@ from convnext_train.configs import CONFIG_DIR
 
 sys.path.insert(0, str(REPO / "data"))  # data/ is a folder of scripts, not a package
 import photo_imagefolder  # noqa: E402
-import write_ffcv  # noqa: E402
 
 skip_module_without_ffcv()
 
-from convnext_train.data.ffcv import ffcv_loaders, image_key, random_crop  # noqa: E402
+from convnext_train.data.compiled import image_key  # noqa: E402
 from convnext_train.data.loaders import EpochSampler  # noqa: E402
 from convnext_train.data.sources import LoaderArgs, build_loaders, build_val_loader  # noqa: E402
 from convnext_train.errors import UserError  # noqa: E402
 from convnext_train.tasks.classification import evaluate  # noqa: E402
 
 CPU = torch.device("cpu")
+
+
+# FFCV compiles numba code as it is imported (about 10 s): imported by the tests that use it, not
+# when pytest collects this module (which every parallel worker does, whichever runs the module).
+def ffcv_loaders(*args, **kwargs):
+    from convnext_train.data.ffcv import ffcv_loaders
+
+    return ffcv_loaders(*args, **kwargs)
+
+
+def random_crop(*args, **kwargs):
+    from convnext_train.data.ffcv import random_crop
+
+    return random_crop(*args, **kwargs)
+
+
+def write_ffcv_main(argv: list[str]) -> int:
+    """data/write_ffcv.py's main, in this process."""
+    import write_ffcv
+
+    return write_ffcv.main(argv)
+
+
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
@@ -80,7 +102,7 @@ def imagefolder_data(root: Path, **overrides):
 
 
 def write(root: Path, out: Path, *options: str) -> None:
-    assert write_ffcv.main([str(root), str(out), "--workers", "2", *options]) == 0
+    assert write_ffcv_main([str(root), str(out), "--workers", "2", *options]) == 0
 
 
 def epoch_batches(loaders, epoch: int, start: int = 0) -> list:
@@ -250,7 +272,7 @@ def test_unreadable_images_are_named_or_skipped_and_counted(small_tree, tmp_path
     broken.write_bytes(broken.read_bytes()[:200])  # a cut-off download: headers, no image data
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stopped:
-        write_ffcv.main([str(small_tree), str(out), "--workers", "2"])
+        write_ffcv_main([str(small_tree), str(out), "--workers", "2"])
     assert stopped.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: 1 unreadable image(s)") and str(broken) in message and "--skip-corrupt" in message
