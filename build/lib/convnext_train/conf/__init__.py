@@ -1,1 +1,0 @@
-"""The Hydra configs (a package so that Hydra finds them as `pkg://convnext_train.conf`, installed or not)."""
