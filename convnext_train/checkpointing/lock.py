@@ -1,11 +1,16 @@
-"""One run per run directory: an exclusive `flock` on `<run_dir>/run.lock`, held for the run's life.
+"""One run per run directory: an exclusive POSIX record lock (`lockf`) on `<run_dir>/run.lock`, held
+for the run's life.
 
 The kernel drops the lock when the process dies, however it dies (SIGKILL, OOM, a node reboot on
 NFS once the lease expires), so a killed job never leaves a stale lock behind, and no timestamp or
-pid file needs guessing about. The file's contents only describe the holder (host, pid, SLURM job,
-start time) for the message a second job gets. `flock` works across the nodes of NFSv4 (Linux maps
-it to byte-range locks) and of Lustre mounted with `-o flock`; where the file system cannot lock at
-all, the run warns once and goes on unlocked rather than refusing to train.
+pid file needs guessing about. A record lock belongs to the process, not to the open file: the
+processes the run forks (data-loader workers, which may outlive a SIGKILLed parent by seconds until
+they notice) do not hold it, so a run restarted at once is not refused by its own dead predecessor,
+as it would be with `flock`. The price: closing any descriptor of the file in the holding process
+drops the lock, so only this module opens it. The file's contents only describe the holder (host,
+pid, SLURM job, start time) for the message a second job gets. Record locks are NFS's own locks
+(NLM, NFSv4) and work on Lustre mounted with `-o flock`; where the file system cannot lock at all,
+the run warns once and goes on unlocked rather than refusing to train.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by platform
             os.close(descriptor)
             raise RunDirectoryInUse(self._in_use_message()) from None
         except OSError as error:
@@ -64,7 +69,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._descriptor is not None:
-            os.close(self._descriptor)  # closing the descriptor drops the lock
+            os.close(self._descriptor)  # closing it drops the lock
             self._descriptor = None
 
     def _in_use_message(self) -> str:
