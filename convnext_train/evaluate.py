@@ -31,7 +31,7 @@ from convnext_train.models.complexity import count_gmacs, count_params
 from convnext_train.robustness import Scorer, is_robustness_run, score_sets
 from convnext_train.robustness import format_table as robustness_table
 from convnext_train.runtime import prepare_device, resolve_device
-from convnext_train.tasks.classification import evaluate
+from convnext_train.tasks.classification import evaluate  # eval.py scores classifiers: a checkpoint's head
 
 IMAGENET_CLASSES = 1000  # the class count when neither data.num_classes nor a checkpoint gives one
 

@@ -102,7 +102,7 @@ def load_checkpoint_model(
         cfg, variant = configs.load("model", fits), fits
     elif shape is not None:
         raise UserError(
-            f"cannot tell which model {path} holds ({shape}, which no conf/model config has): pass {shape.overrides()}"
+            f"cannot tell which model {path} holds ({shape}, which no model= config has): pass {shape.overrides()}"
         )
     else:
         raise UserError(

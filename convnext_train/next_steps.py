@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from convnext_train import configs
 from convnext_train.data.sources import source
 
 # Below this many training images, a run from scratch gets the note. The paper trains from scratch on
@@ -50,11 +51,14 @@ def _eval_overrides(cfg: DictConfig) -> dict[str, Any]:
     checkpoint): its data group, root, and the sizes where they differ from eval.yaml's defaults."""
     overrides: dict[str, Any] = {}
     data_choice = HydraConfig.get().runtime.choices.get("data")
-    if data_choice != "imagenet":  # conf/eval.yaml's default data group
+    if data_choice != "imagenet":  # eval.yaml's default data group
         overrides["data"] = data_choice
     if cfg.data.get("root") is not None:
         overrides["data.root"] = cfg.data.root
-    if data_choice not in ("imagefolder", "digits"):  # those groups count (or fix) their classes themselves
+    # The class count where the data group neither fixes this one (digits: 10) nor counts it (null: the
+    # class folders); `???` (hf) must be given.
+    group = configs.load("data", data_choice)
+    if OmegaConf.is_missing(group, "num_classes") or group.num_classes not in (None, cfg.data.num_classes):
         overrides["data.num_classes"] = cfg.data.num_classes
     if cfg.data.img_size != 224:
         overrides["data.img_size"] = cfg.data.img_size

@@ -3,7 +3,7 @@ each image's top-k classes and probabilities.
 
 The model, its class names and its training img_size / crop_pct come from the checkpoint
 (convnext_train/inference.py); images get the official evaluation preprocessing
-(data/transforms.py's eval_transform), in batches, on the GPU when there is one. An image that
+(convnext_train/data/transforms.py's eval_transform), in batches, on the GPU when there is one. An image that
 cannot be decoded gets a row with its error instead of stopping the run, and is counted at the end.
 """
 

@@ -18,13 +18,14 @@ from conftest import MODEL_NAMES, REPO, run_script, run_scripts
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from convnext_train.bench import TIMM_NAMES, BenchOptions, main, split_arguments
+from convnext_train.bench import BenchOptions, main, split_arguments
 from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.loaders import EpochSampler
 from convnext_train.data.sources import source
 from convnext_train.data.synthetic import synthetic_samples
 from convnext_train.errors import USER_ERROR_EXIT_CODE, UserError
 from convnext_train.measure import DENSE_PEAK_TFLOPS, dense_peak_tflops, model_flops_utilisation
+from convnext_train.models import TIMM_NAMES
 from convnext_train.problems import Problems
 
 # ConvNeXt-atto at 32 px, micro-batch 4, fp32 on the CPU, 2 warm-up and 2 timed steps per round.

@@ -1,4 +1,4 @@
-"""The Checkpointer's parts on their own: the run directory's lock (real flock, real processes), the
+"""The Checkpointer's parts on their own: the run directory's lock (a real record lock, real processes), the
 recipe check, the checkpoints directory (links, retention, temporaries, unreadable entries), a
 sharded checkpoint read safely, and the agreement between ranks (real gloo processes)."""
 

@@ -212,7 +212,7 @@ def test_isotropic_weights_name_their_model_too():
             load,
             atto,
             odd,
-            match=r"no conf/model config has that size: pass model=convnext_iso_b model.depth=2 model.dim=16\.$",
+            match=r"no model= config has that size: pass model=convnext_iso_b model.depth=2 model.dim=16\.$",
         )
 
 
@@ -384,7 +384,7 @@ def test_a_hugging_face_directory_of_another_size_or_family_names_the_model_that
             load,
             atto_v2,
             odd,
-            match=r"no conf/model config has that size: pass model=convnextv2_atto model.depths=\[1,1,2,1\]",
+            match=r"no model= config has that size: pass model=convnextv2_atto model.depths=\[1,1,2,1\]",
         )
     iso = build_model("convnext_iso_s", device="meta", num_classes=CLASSES)
     one_line_error(

@@ -408,7 +408,7 @@ def test_safetensors_refuses_non_tensor_values_before_writing(tmp_path):
 # --------------------------------------------------------------------------------------------------
 def test_checkpoint_for_a_size_no_config_has_names_the_overrides_that_build_it():
     wider = ConvNeXt(depths=DEPTHS, dims=(8, 16, 24, 48), num_classes=NUM_CLASSES)
-    with pytest.raises(CheckpointError, match="no conf/model config has that size") as error:
+    with pytest.raises(CheckpointError, match="no model= config has that size") as error:
         load_weights(ours("v1"), {"model": wider.state_dict()})
     assert str(error.value).endswith("pass model=convnext_atto model.depths=[1,1,2,1] model.dims=[8,16,24,48].")
 

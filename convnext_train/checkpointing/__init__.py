@@ -3,7 +3,8 @@
 It is built before any compute, from the run directory and the config, and then tracks the run's
 stateful parts as one mapping of names to objects with `state_dict()` / `load_state_dict()`
 (`state.py`: the model, its EMA and the optimizer, sharded under FSDP; the grad scaler, the train
-state and every rank's RNG streams; the data position follows from the step). The training loop
+state, every rank's RNG streams and, for a source whose order depends on it, the data's reading
+layout; the data position follows from the step). The training loop
 makes two calls: `poll` after every optimizer step (save now? stop?) and `save`. The Checkpointer
 owns everything else:
 
@@ -18,6 +19,8 @@ owns everything else:
   all, retention (`checkpoint.keep_last`), `last`/`best`/`best_ema` links, stale temporaries swept,
   a full disk as one message naming the last whole checkpoint, weights that became non-finite never
   saved; `report.py`: what each save cost (a metrics.jsonl row);
+- a save that hangs on one rank named within `dist_timeout` (`background.py`: the save thread and
+  its heartbeats);
 - FSDP's gather and scatter of whole tensors for full files (`state.py`).
 
     python -m convnext_train.checkpointing consolidate <run>/checkpoints/step_000001234 model.pt

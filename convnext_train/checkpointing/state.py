@@ -4,7 +4,8 @@ them. A new part is one more entry there; the Checkpointer saves and restores ea
 which is also its key in the checkpoint file (`model`, `model_ema`, `optimizer`, ...).
 
 Two kinds:
-- small parts (the grad scaler, the train state, every rank's RNG streams): their state dict goes
+- small parts (the grad scaler, the train state, every rank's RNG streams, the data's reading layout
+  where the source has one): their state dict goes
   into the file (full checkpoints) or meta.pt (sharded ones) as it is;
 - `ShardedState` parts (the weights, their EMA, the optimizer): tensors that FSDP shards across
   ranks. `state_dict()` gives views of this rank's own storage (DTensors under FSDP), which

@@ -35,7 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from convnext_train.data.imagefolder import UnreadableImageError, load_image
 from convnext_train.data.loaders import SeededSamples
-from convnext_train.data.sources import Source
+from convnext_train.data.sources import ROBUSTNESS_SETS, Source
 from convnext_train.data.transforms import eval_transform
 from convnext_train.errors import UserError
 
@@ -49,7 +49,7 @@ __all__ = [
     "robustness_dataset",
 ]
 
-KINDS = ("imagenet_v2", "imagenet_real", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_c")
+KINDS = ROBUSTNESS_SETS
 # The 15 corruptions of the benchmark (Hendrycks & Dietterich, ICLR 2019), in its table's order;
 # the release's 4 extra "validation" corruptions (speckle_noise, gaussian_blur, spatter, saturate)
 # are not part of mCE.

@@ -2,7 +2,8 @@
 
 A source is one module that provides a `Source` for each kind it reads: the training process's
 loaders, eval.py's validation loader, its config checks and the line saying what `data.root` should
-hold. The trainer, eval.py, the bench and the config checks ask the registry and nothing else, so a
+hold. The trainer, eval.py, the bench and the config checks ask the registry and nothing else
+(eval.py's robustness table reads its sets through data/robustness.py, a source module too), so a
 new source is one module and one row in `_MODULES`. Modules are imported when their kind is chosen:
 FFCV, `datasets` and `webdataset` are optional extras.
 
@@ -26,6 +27,8 @@ from convnext_train.data.loaders import Loaders
 from convnext_train.errors import UserError
 from convnext_train.problems import Problems
 
+# The robustness table's sets, in its column order (data/robustness.py reads them: one list).
+ROBUSTNESS_SETS = ("imagenet_v2", "imagenet_real", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_c")
 # data.kind -> the module (under convnext_train.data) whose `SOURCES` has it.
 _MODULES = {
     "imagefolder": "imagefolder",
@@ -34,10 +37,7 @@ _MODULES = {
     "ffcv": "ffcv",
     "hf": "hf",
     "wds": "wds",
-    **{
-        kind: "robustness"
-        for kind in ("imagenet_v2", "imagenet_real", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_c")
-    },
+    **dict.fromkeys(ROBUSTNESS_SETS, "robustness"),
 }
 KINDS = tuple(_MODULES)
 

@@ -1,4 +1,4 @@
-"""The suite's measurements: ours against timm through the bench's loop, the largest micro-batch
+"""The suite's measurements: ours against timm through the bench's steps and `measure`'s rounds, the largest micro-batch
 that fits, and the GPU-hours that follow from the training rates."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from convnext_train.parts import build_parts
 
 
 def throughput_item(plan: Plan, mode: str, variant: str, precision: str, compiled: bool, device) -> dict[str, Any]:
-    """ours against timm, interleaved rounds, through the bench's own loop."""
+    """ours against timm, interleaved rounds (`measure.measure`) of the bench's own steps."""
     batch = plan.train_batch if mode == "step" else plan.eval_batch
     # tf32: the paper's inference setting, fp32 with TF32 matmuls (convolutions use TF32 by default).
     autocast = "fp32" if precision == "tf32" else precision

@@ -6,7 +6,8 @@ and what an evaluation reports:
 
 - `loss(forward, images, targets)`: the micro-batch's training loss (called inside autocast);
 - `evaluate(model, loader, ...)`: the scores of one pass over the validation loader, summed over
-  every process; `loss` among them is logged as `val_loss`;
+  every process, with `images` (how many were scored) and, where the loader skips unreadable
+  files, `skipped_images`; `loss` among them is logged as `val_loss`;
 - `metric`, `higher_is_better`: the score `best.pt` follows; `summary_keys`: the scores summary.json
   keeps; `describe(row)`: the line printed after an evaluation.
 

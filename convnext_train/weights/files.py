@@ -1,7 +1,7 @@
 """Checkpoint files: reading one onto the CPU (safe by default) and saving one atomically.
 
 What a file holds is not looked at here beyond what reading it needs: the weights inside are found by
-`weights.py` and renamed by `layouts.py`. A new way to read belongs in `read_checkpoint`, which also
+`loading.py` and renamed by `layouts.py`. A new way to read belongs in `read_checkpoint`, which also
 takes two kinds of directory: our sharded training checkpoints (`sharded.py`, marked by DCP's
 `.metadata`) and Hugging Face model directories (`hf_directory.py`), and refuses other directories.
 """

@@ -143,7 +143,7 @@ def _check_same_model(model: nn.Module, state_dict: Mapping[str, Tensor], *, cla
     theirs, mine = Architecture.of(state_dict), Architecture.of(ours)
     if theirs is not None and mine is not None and theirs != mine:
         variant = theirs.variant()
-        fix = f"use model={variant}" if variant else f"no conf/model config has that size: pass {theirs.overrides()}"
+        fix = f"use model={variant}" if variant else f"no model= config has that size: pass {theirs.overrides()}"
         raise CheckpointError(f"The checkpoint holds {theirs}, but the model is {mine}; {fix}.")
     if classes and "head.weight" in state_dict and "head.weight" in ours:
         count, ours_count = state_dict["head.weight"].shape[0], ours["head.weight"].shape[0]
