@@ -181,3 +181,33 @@ def test_finetune_starts_from_the_checkpoint_with_a_fresh_head_and_keeps_the_nam
     stem = tuned["model"]["downsample_layers.0.0.weight"]
     assert (stem - pretrained["downsample_layers.0.0.weight"]).norm() < 0.01 * stem.norm()
     assert f"checkpoint={best}" in result.stdout  # the closing summary names the sharded checkpoint
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # The class count is on the printed eval command only where eval.py could not have it otherwise.
+        (["data=hf", "data.root=/d", "data.num_classes=7"], {"data": "hf", "data.root": "/d", "data.num_classes": 7}),
+        (["data=imagenet", "data.root=/d"], {"data.root": "/d"}),  # eval.yaml's group and its 1000
+        (["data=imagenet", "data.root=/d", "data.num_classes=100"], {"data.root": "/d", "data.num_classes": 100}),
+        (["data=imagefolder", "data.root=/d", "data.num_classes=3"], {"data": "imagefolder", "data.root": "/d"}),
+        (
+            ["data=digits", "data.root=/d", "data.img_size=32"],
+            {"data": "digits", "data.root": "/d", "data.img_size": 32},
+        ),
+    ],
+)
+def test_the_printed_eval_command_names_what_eval_py_cannot_know(overrides, expected):
+    from hydra.core.hydra_config import HydraConfig
+
+    from convnext_train.configs import compose_train
+    from convnext_train.next_steps import _eval_overrides
+
+    cfg = compose_train(overrides)
+    HydraConfig.instance().set_config(cfg)  # as train.py's Hydra app has it
+    try:
+        found = _eval_overrides(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # the tests after this one in this process see no Hydra app
+    found.pop("eval.crop_pct", None)  # the data group's aug recipe, not what this test is about
+    assert found == expected
