@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from forked import run_forked
+from forked import run_forked, script_env
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -108,11 +108,10 @@ def run_script(
     interpreter (for what happens during the imports themselves)."""
     if not fresh:
         return run_forked(script, *overrides, timeout=timeout, env=env)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / script), *overrides],
         cwd=REPO,
-        env=full_env,
+        env=script_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

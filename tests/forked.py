@@ -232,9 +232,14 @@ def start_script(
     """`python <script> <args>` (a script of the repository), or `python -m <script> <args>` (a module),
     from the repository root, forked from the fork server. `hide`: packages the command must find
     missing (None in sys.modules)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     argv = [str(REPO / script) if script.endswith(".py") else script, *args]
-    return ForkedProcess(argv, full_env, REPO, new_session, list(hide))
+    return ForkedProcess(argv, script_env(env), REPO, new_session, list(hide))
+
+
+def script_env(env: dict | None = None) -> dict[str, str]:
+    """A command's environment, forked or fresh: this one, unbuffered (a killed run's output is not
+    lost), Hydra's errors short (as users see them), and `env` on top."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
 
 
 def run_forked(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, build_model, run_script
-from forked import start_script
+from forked import script_env, start_script
 from test_train import (
     assert_same_tensors,
     assert_user_error,
@@ -54,7 +54,7 @@ def launch(args: list[str], *, fresh: bool = False):
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -41,7 +41,6 @@ from convnext_train.errors import UserError
 
 __all__ = [
     "CORRUPTIONS",
-    "KINDS",
     "SEVERITIES",
     "LabelSets",
     "class_subset",
@@ -49,7 +48,6 @@ __all__ = [
     "robustness_dataset",
 ]
 
-KINDS = ROBUSTNESS_SETS
 # The 15 corruptions of the benchmark (Hendrycks & Dietterich, ICLR 2019), in its table's order;
 # the release's 4 extra "validation" corruptions (speckle_noise, gaussian_blur, spatter, saturate)
 # are not part of mCE.
@@ -152,7 +150,7 @@ def robustness_dataset(
     kind = data_cfg.kind
     root = Path(data_cfg.root)
     if kind not in _READERS:
-        raise UserError(f"data.kind={kind}: not a robustness set (one of {', '.join(KINDS)})")
+        raise UserError(f"data.kind={kind}: not a robustness set (one of {', '.join(ROBUSTNESS_SETS)})")
     if not root.is_dir():
         raise UserError(f"data.root={root} (data={kind}) is not a directory; expected {LAYOUTS[kind]}")
     if corruption is not None:  # ImageNet-C: one corruption's severity is a tree of its own
@@ -185,7 +183,7 @@ _READERS = {
     "imagenet_c": _in_wnid_folders("imagenet_c"),
 }
 
-SOURCES = {kind: Source(root_hint=f"the set's folder, {LAYOUTS[kind]}") for kind in KINDS}
+SOURCES = {kind: Source(root_hint=f"the set's folder, {LAYOUTS[kind]}") for kind in ROBUSTNESS_SETS}
 
 
 def corruption_folders(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:

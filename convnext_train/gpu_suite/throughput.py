@@ -1,5 +1,5 @@
-"""The suite's measurements: ours against timm through the bench's steps and `measure`'s rounds, the largest micro-batch
-that fits, and the GPU-hours that follow from the training rates."""
+"""The suite's measurements: ours against timm through the bench's steps and `measure`'s rounds,
+the largest micro-batch that fits, and the GPU-hours that follow from the training rates."""
 
 from __future__ import annotations
 
