@@ -57,7 +57,7 @@ write_lock() {
     scratch=$(mktemp -d)
     trap 'rm -rf "$scratch"' RETURN
     python3 -m venv "$scratch/venv"
-    local extras=test,hf,wds,slurm,robustness
+    local extras=test,hf,wds,slurm,robustness,onnx
     if command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg opencv4; then
         extras=$extras,ffcv
     else

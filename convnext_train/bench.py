@@ -3,6 +3,7 @@
     python -m convnext_train.bench step model=convnext_t trainer.micro_batch_size=128 trainer.precision=bf16 trainer.compile=true vs=timm
     python -m convnext_train.bench step model=convnext_t trainer.micro_batch_size=128 vs=bare
     python -m convnext_train.bench eval model=convnext_b trainer.micro_batch_size=256 trainer.precision=fp32 tf32=true vs=timm
+    python -m convnext_train.bench eval model=convnext_t trainer.device=cpu trainer.precision=fp32 vs=onnxruntime
     python -m convnext_train.bench loader data.root=/datasets/imagenet data.num_workers=10
     python -m convnext_train.bench loader data=imagenet_ffcv data.root=/datasets/imagenet-ffcv data.num_workers=10
 
@@ -13,13 +14,15 @@
   which prices the framework around the model.
 - `eval`: inference as the paper's Table 12 measured it: eval mode, no grad, channels-last by
   default, autocast per `trainer.precision`, a `trainer.micro_batch_size` batch on the device.
-  `vs=timm` as above.
+  `vs=timm` as above; `vs=onnxruntime` runs the same model as `python -m convnext_train.export
+  format=onnx` writes it, in ONNX Runtime on the CPU with torch's thread count (predict.py's
+  `backend=onnxruntime`); with `trainer.compile=true` ours is compiled.
 - `loader`: fully augmented training batches from the `data` config through our real loaders
   (`data.sources.build_loaders`: any data.kind), moved to the device and mixed (Mixup/CutMix) as the
   training step does before its forward pass.
 
 Arguments are train.py's overrides, plus the bench's own options (train.py's config has no such keys):
-    vs=timm|bare   a second contender, measured in rounds alternating with ours
+    vs=timm|bare|onnxruntime   a second contender, measured in rounds alternating with ours
     warmup=N       untimed steps per contender before timing (compilation, allocator, autotuning)
     steps=N        timed steps per round
     rounds=N       timed rounds per contender; the median round is reported
@@ -29,7 +32,8 @@ optimizer step, so the optimizer and EMA are paid on every batch) unless it is g
 logged: `logger=none` is forced.
 
 The timing loop and the memory, MFU and device helpers are convnext_train/measure.py's, which the GPU
-suite shares.
+suite shares. One module of about 400 lines because it is one command: the three benchmarks share
+its argument parsing, the config, the resident batch, the contenders and the report.
 
 Output: a table, then one JSON line per contender with images_per_sec, step_ms, mfu (null without
 a known peak: CPU, unknown GPU), peak_mem_gb (null on CPU), device, versions and the full settings.
@@ -43,7 +47,9 @@ import itertools
 import json
 import platform
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -56,7 +62,8 @@ from convnext_train import configs
 from convnext_train.config import validate_train_config
 from convnext_train.data.loaders import Loaders
 from convnext_train.data.sources import LoaderArgs, build_loaders
-from convnext_train.data.transforms import mixup_fn
+from convnext_train.data.transforms import EvalPreprocessing, mixup_fn
+from convnext_train.deploy import OnnxModel, export_onnx
 from convnext_train.distributed import Processes
 from convnext_train.engine import LossWindow, optimizer_step
 from convnext_train.errors import UserError, exit_on_user_error
@@ -76,12 +83,12 @@ from convnext_train.parts import TrainParts, build_parts
 from convnext_train.runtime import autocast, prepare_device, resolve_device
 
 MODES = ("step", "eval", "loader")
-RIVALS = {"step": ("timm", "bare"), "eval": ("timm",), "loader": ()}
+RIVALS = {"step": ("timm", "bare"), "eval": ("timm", "onnxruntime"), "loader": ()}
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchOptions(Rounds):
-    vs: str | None = None  # a second contender: timm, bare
+    vs: str | None = None  # a second contender: timm, bare (step), timm, onnxruntime (eval)
     tf32: bool = False
 
 
@@ -93,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m convnext_train.bench",
         description="Throughput of the training step, of inference, or of the data loader.",
-        epilog="bench keys: vs=timm|bare warmup=N steps=N rounds=N tf32=true|false; any other key=value is a train.py override",
+        epilog="bench keys: vs=timm|bare|onnxruntime warmup=N steps=N rounds=N tf32=true|false; any other key=value is a train.py override",
     )
     parser.add_argument("mode", choices=MODES)
     parser.add_argument("arguments", nargs="*", help="train.py overrides and bench options (key=value)")
@@ -180,6 +187,12 @@ def bench_eval(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Mea
     factories = {"ours": lambda: inference_step(build_model(cfg.model), images, cfg, device)}
     if options.vs == "timm":
         factories["timm"] = lambda: inference_step(timm_model(cfg, variant), images, cfg, device)
+    elif options.vs == "onnxruntime":
+        if device.type != "cpu" or cfg.trainer.precision != "fp32":
+            raise UserError(
+                "vs=onnxruntime measures ONNX Runtime's CPU provider in fp32: add trainer.device=cpu trainer.precision=fp32"
+            )
+        factories["onnxruntime"] = lambda: onnxruntime_step(build_model(cfg.model), images, cfg)
     return measure(factories, options, device)
 
 
@@ -253,6 +266,22 @@ def inference_step(model: nn.Module, images: torch.Tensor, cfg: DictConfig, devi
     def step() -> None:
         with torch.no_grad(), autocast(cfg.trainer.precision, device.type):
             forward(images)
+
+    return Contender(step=step, images_per_step=images.shape[0])
+
+
+def onnxruntime_step(model: nn.Module, images: torch.Tensor, cfg: DictConfig) -> Contender:
+    """The model as `python -m convnext_train.export format=onnx` writes it, run by ONNX Runtime on
+    the CPU with as many threads as torch has (predict.py's backend=onnxruntime)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "model.onnx"
+        preprocessing = EvalPreprocessing(images.shape[-1], cfg.aug.crop_pct)
+        export_onnx(model.eval(), path, preprocessing=preprocessing, class_names=[], variant="bench")
+        onnx_model = OnnxModel.load(path, threads=torch.get_num_threads())
+    contiguous = images.contiguous()  # NCHW, as ONNX takes it
+
+    def step() -> None:
+        onnx_model(contiguous)
 
     return Contender(step=step, images_per_step=images.shape[0])
 
@@ -334,7 +363,8 @@ def report(
             gmacs = count_gmacs(build_model(cfg.model), cfg.data.img_size)
 
     print(f"bench {mode}: {describe_settings(mode, cfg, variant)}, on {name}")
-    print(f"{'':<6} {'images/s':>10} {'step ms':>10} {'MFU':>7} {'peak GB':>8}")
+    width = max(len(m.name) for m in measurements)
+    print(f"{'':<{width}} {'images/s':>10} {'step ms':>10} {'MFU':>7} {'peak GB':>8}")
     rows = []
     for m in measurements:
         mfu = None
@@ -342,7 +372,7 @@ def report(
             mfu = model_flops_utilisation(m.images_per_sec, gmacs, training=mode == "step", peak_tflops=peak)
         peak_gb = m.peak_mem_bytes / 2**30 if m.peak_mem_bytes is not None else None
         print(
-            f"{m.name:<6} {m.images_per_sec:>10.1f} {m.step_seconds * 1e3:>10.2f} "
+            f"{m.name:<{width}} {m.images_per_sec:>10.1f} {m.step_seconds * 1e3:>10.2f} "
             f"{'–' if mfu is None else f'{mfu:.1%}':>7} {'–' if peak_gb is None else f'{peak_gb:.2f}':>8}"
         )
         row: dict[str, Any] = {

@@ -1,6 +1,6 @@
-"""The three commands, as Hydra apps over the configs inside the package: `convnext-train`,
-`convnext-eval` and `convnext-predict` after `pip install .` (editable or not), and `python train.py`,
-`python eval.py`, `python predict.py` in a checkout, which call these. Each takes the same overrides.
+"""The four commands, as Hydra apps over the configs inside the package: `convnext-train`,
+`convnext-eval`, `convnext-predict` and `convnext-export` after `pip install .` (editable or not), and `python train.py`,
+`python eval.py`, `python predict.py`, `python -m convnext_train.export` in a checkout, which call these. Each takes the same overrides.
 
 train's stop-signal handler (preemption.py) goes in before the slow imports: train.py installs it as
 its first line; the `convnext-train` command as the first thing its function does (Hydra and this
@@ -55,3 +55,11 @@ def evaluate() -> None:
 def predict() -> None:
     """Classify new images: `convnext-predict checkpoint=<file> images=<folder or glob> [topk=5]`."""
     _predict()
+
+
+def export() -> None:
+    """Write a model for another codebase or runtime: `convnext-export checkpoint=<file> format=onnx out=model.onnx`.
+    Its Hydra app is convnext_train/export.py's `main`, which `python -m convnext_train.export` runs."""
+    from convnext_train.export import main
+
+    main()

@@ -18,16 +18,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from convnext_train import configs
+from convnext_train.data.transforms import EvalPreprocessing
 from convnext_train.errors import UserError
 from convnext_train.models import build_model
 from convnext_train.runtime import autocast
 from convnext_train.weights import CheckpointError, load_weights, read_checkpoint, state_dict_from_checkpoint
 from convnext_train.weights.layouts import to_official
 from convnext_train.weights.loading import Architecture
+
+DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT = 224, 0.875  # the paper's, for checkpoints that do not say
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,12 @@ class CheckpointModel:
     class_names: list[str]
     img_size: int | None  # what it was trained at, when the checkpoint says
     crop_pct: float | None
+
+    def preprocessing(self, img_size: int | None = None, crop_pct: float | None = None) -> EvalPreprocessing:
+        """The evaluation preprocessing at the size and crop given, else the checkpoint's, else the paper's."""
+        return EvalPreprocessing(
+            img_size or self.img_size or DEFAULT_IMG_SIZE, crop_pct or self.crop_pct or DEFAULT_CROP_PCT
+        )
 
 
 def load_checkpoint_model(
@@ -120,6 +130,19 @@ def load_checkpoint_model(
         class_names=class_names(checkpoint, head_classes),
         img_size=img_size,
         crop_pct=saved.get("aug", {}).get("crop_pct"),
+    )
+
+
+def load_command_model(cfg: DictConfig) -> CheckpointModel:
+    """The model of predict's or export's command line: `checkpoint=`, `model=` only when it was given
+    there (their configs default to none), `use_ema=`, `trust_checkpoint=`."""
+    chosen = HydraConfig.get().runtime.choices.get("model")
+    return load_checkpoint_model(
+        cfg.checkpoint,
+        cfg.model if chosen else None,
+        chosen_variant=chosen,
+        use_ema=cfg.use_ema,
+        trusted=cfg.trust_checkpoint,
     )
 
 

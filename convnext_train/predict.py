@@ -1,80 +1,148 @@
 """predict.py's work: run a trained model on a folder (or glob) of new images and write a CSV of
-each image's top-k classes and probabilities.
+each image's top-k classes and probabilities, and with `embeddings=true` a `.npy` beside it of each
+image's pooled features (`forward_features`: one row per CSV row, same order), for retrieval and
+clustering.
 
-The model, its class names and its training img_size / crop_pct come from the checkpoint
-(convnext_train/inference.py); images get the official evaluation preprocessing
-(convnext_train/data/transforms.py's eval_transform), in batches, on the GPU when there is one. An image that
-cannot be decoded gets a row with its error instead of stopping the run, and is counted at the end.
+Two backends (`BACKENDS`): `pytorch` runs a checkpoint of any format we read, its model, class names
+and training img_size / crop_pct taken from it (convnext_train/inference.py), on the GPU when there
+is one; `onnxruntime` runs an ONNX file that `python -m convnext_train.export format=onnx` wrote, its
+preprocessing and class names taken from the file's metadata (convnext_train/deploy.py). Either way
+images get the official evaluation preprocessing (`EvalPreprocessing`), in batches. An image that
+cannot be decoded gets a row with its error (and a NaN embedding) instead of stopping the run, and
+is counted at the end. The CSV and the `.npy` appear whole when every image is done.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from convnext_train.atomic import write_atomically
 from convnext_train.config import DEVICES, PRECISIONS
 from convnext_train.data.imagefolder import UnreadableImageError, load_image
-from convnext_train.data.transforms import eval_transform
+from convnext_train.data.transforms import EvalPreprocessing
+from convnext_train.deploy import OnnxModel, is_onnx
 from convnext_train.errors import UserError
-from convnext_train.inference import Inference, load_checkpoint_model
+from convnext_train.inference import Inference, load_command_model
 from convnext_train.runtime import prepare_device, resolve_device
 
-DEFAULT_IMG_SIZE, DEFAULT_CROP_PCT = 224, 0.875  # the paper's, for checkpoints that do not say
+
+@dataclass
+class Predictor:
+    """A model ready to run on preprocessed batches, with what predict.py needs to know of it."""
+
+    variant: str
+    class_names: list[str]
+    preprocessing: EvalPreprocessing
+    batch_size: int
+    pin_memory: bool
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (logits, embeddings), float32, CPU
+
+
+def pytorch_backend(cfg: DictConfig) -> Predictor:
+    """The checkpoint's model in PyTorch, on the GPU when there is one (device=, precision=, channels_last=)."""
+    if is_onnx(cfg.checkpoint):
+        raise UserError(f"checkpoint={cfg.checkpoint} is an ONNX file: add backend=onnxruntime")
+    loaded = load_command_model(cfg)
+    how = Inference(prepare_device(resolve_device(cfg.device)), cfg.precision, cfg.channels_last, cfg.batch_size)
+    model = how.prepare(loaded.model)
+
+    def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with how.autocast():
+            embeddings = model.forward_features(
+                batch.to(how.device, non_blocking=True, memory_format=how.memory_format)
+            )
+            logits = model.head(embeddings)
+        return logits.float().cpu(), embeddings.float().cpu()
+
+    preprocessing = loaded.preprocessing(cfg.img_size, cfg.crop_pct)
+    return Predictor(
+        loaded.variant, loaded.class_names, preprocessing, how.batch_size, how.device.type == "cuda", forward
+    )
+
+
+def onnxruntime_backend(cfg: DictConfig) -> Predictor:
+    """An ONNX file of ours in ONNX Runtime: its preprocessing and class names from its metadata."""
+    onnx_model = OnnxModel.load(cfg.checkpoint)
+    preprocessing = onnx_model.preprocessing
+    if cfg.img_size is not None and cfg.img_size != preprocessing.img_size:
+        raise UserError(
+            f"img_size={cfg.img_size}: {cfg.checkpoint} takes {preprocessing.img_size}px images; leave img_size= out "
+            "or export the model again at that size"
+        )
+    if cfg.crop_pct is not None:
+        preprocessing = dataclasses.replace(preprocessing, crop_pct=cfg.crop_pct)
+    return Predictor(onnx_model.variant, onnx_model.class_names, preprocessing, cfg.batch_size, False, onnx_model)
+
+
+BACKENDS: dict[str, Callable[[DictConfig], Predictor]] = {
+    "pytorch": pytorch_backend,
+    "onnxruntime": onnxruntime_backend,
+}
 
 
 def run(cfg: DictConfig) -> Path:
     _check(cfg)
     paths = find_images(str(cfg.images))
-    chosen_model = HydraConfig.get().runtime.choices.get("model")  # null default: see conf/predict.yaml
-    loaded = load_checkpoint_model(
-        cfg.checkpoint,
-        cfg.model if chosen_model else None,
-        chosen_variant=chosen_model,
-        use_ema=cfg.use_ema,
-        trusted=cfg.trust_checkpoint,
-    )
-    img_size = cfg.img_size or loaded.img_size or DEFAULT_IMG_SIZE
-    crop_pct = cfg.crop_pct or loaded.crop_pct or DEFAULT_CROP_PCT
-    how = Inference(prepare_device(resolve_device(cfg.device)), cfg.precision, cfg.channels_last, cfg.batch_size)
-    model = how.prepare(loaded.model)
-    names = loaded.class_names
+    predictor = BACKENDS[cfg.backend](cfg)
+    names, size = predictor.class_names, predictor.preprocessing.img_size
     topk = min(cfg.topk, len(names))
     images = DataLoader(
-        _Images(paths, eval_transform(img_size, crop_pct), img_size),
-        batch_size=how.batch_size,
+        _Images(paths, predictor.preprocessing.transform(), size),
+        batch_size=predictor.batch_size,
         num_workers=cfg.num_workers,
-        pin_memory=how.device.type == "cuda",
+        pin_memory=predictor.pin_memory,
     )
     out = Path(cfg.out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    unreadable = 0
+    unreadable, vectors = 0, []
     header = ["path"] + [f"{kind}_{rank}" for rank in range(1, topk + 1) for kind in ("class", "prob")] + ["error"]
-    with out.open("w", newline="") as file, torch.no_grad(), tqdm(total=len(paths), unit="img") as progress:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        for batch, indices, errors in images:
-            with how.autocast():
-                logits = model(batch.to(how.device, non_blocking=True, memory_format=how.memory_format))
-            probs, classes = logits.float().softmax(dim=1).topk(topk, dim=1)
-            for index, error, p, c in zip(indices.tolist(), errors, probs.tolist(), classes.tolist(), strict=True):
-                if error:
-                    unreadable += 1
-                    writer.writerow([paths[index]] + [""] * (2 * topk) + [error])
-                else:
-                    ranked = [value for k in range(topk) for value in (names[c[k]], f"{p[k]:.6f}")]
-                    writer.writerow([paths[index], *ranked, ""])
-            progress.update(len(indices))
-    print(f"{len(paths)} images ({loaded.variant}, {img_size}px): predictions in {out}")
+    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed to out when every row is written
+    try:
+        with partial.open("w", newline="") as file, torch.no_grad(), tqdm(total=len(paths), unit="img") as progress:
+            writer = csv.writer(file)
+            writer.writerow(header)
+            for batch, indices, errors in images:
+                logits, embeddings = predictor.forward(batch)
+                probs, classes = logits.softmax(dim=1).topk(topk, dim=1)
+                failed = torch.tensor([bool(error) for error in errors])
+                vectors.append(embeddings.masked_fill(failed[:, None], float("nan")))
+                for index, error, p, c in zip(indices.tolist(), errors, probs.tolist(), classes.tolist(), strict=True):
+                    if error:
+                        unreadable += 1
+                        writer.writerow([paths[index]] + [""] * (2 * topk) + [error])
+                    else:
+                        ranked = [value for k in range(topk) for value in (names[c[k]], f"{p[k]:.6f}")]
+                        writer.writerow([paths[index], *ranked, ""])
+                progress.update(len(indices))
+        if cfg.embeddings:
+            array = torch.cat(vectors).numpy()
+            write_atomically(out.with_suffix(".npy"), lambda f: np.save(f, array))
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"{len(paths)} images ({predictor.variant}, {size}px, {cfg.backend}): predictions in {out}")
+    if cfg.embeddings:
+        print(
+            f"embeddings: {out.with_suffix('.npy')}, {len(paths)} x {array.shape[1]} float32, rows in the CSV's order"
+        )
     if unreadable:
-        print(f"{unreadable} of them could not be read: their rows have no classes and say why in the error column")
+        print(
+            f"{unreadable} of them could not be read: their rows have no classes and say why in the error column"
+            + (" (and NaN embeddings)" if cfg.embeddings else "")
+        )
     return out
 
 
@@ -122,6 +190,10 @@ def _check(cfg: DictConfig) -> None:
             problems.append(f"{key}={cfg[key]}: must be a positive integer")
     if not (isinstance(cfg.num_workers, int) and cfg.num_workers >= 0):
         problems.append(f"num_workers={cfg.num_workers}: must be an integer >= 0")
+    if cfg.backend not in BACKENDS:
+        problems.append(f"backend={cfg.backend}: must be one of {', '.join(BACKENDS)}")
+    if not isinstance(cfg.embeddings, bool):
+        problems.append(f"embeddings={cfg.embeddings}: must be true or false")
     if cfg.device not in DEVICES:
         problems.append(f"device={cfg.device}: must be one of {', '.join(DEVICES)}")
     if cfg.precision not in PRECISIONS:

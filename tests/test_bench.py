@@ -116,6 +116,18 @@ def test_eval_against_timm(bench_runs):
     assert re.search(r"^ours / timm images/s: \d+\.\d+", result.stdout, re.MULTILINE)
 
 
+@pytest.mark.slow  # the ONNX export takes seconds even for a tiny model
+def test_eval_against_onnxruntime():
+    # Fewer blocks than atto: the export's time grows with them.
+    smaller = ["model.depths=[1,1,2,1]", "model.dims=[8,16,24,32]"]
+    (result,) = run_scripts([("convnext_train.bench", ["eval", *TINY_BENCH, *smaller, "vs=onnxruntime"])])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = json_rows(result.stdout)
+    assert_row(ours, bench="eval", impl="ours")
+    assert_row(theirs, bench="eval", impl="onnxruntime")
+    assert re.search(r"^ours / onnxruntime images/s: \d+\.\d+", result.stdout, re.MULTILINE)
+
+
 def test_loader_on_an_imagefolder(bench_runs):
     result = bench_runs["loader"]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -158,6 +170,10 @@ def test_loader_on_ffcv_beton_files(tmp_path):
     [
         (["eval", "vs=bare"], "vs=bare does not apply to `eval`"),
         (["loader", "vs=timm"], "vs=timm does not apply to `loader`"),
+        (
+            ["eval", "trainer.device=cpu", "trainer.precision=bf16", "vs=onnxruntime"],
+            "add trainer.device=cpu trainer.precision=fp32",
+        ),
         (["step", "steps=0"], "steps=0: must be an integer >= 1"),
         (["step", "tf32=yes"], "tf32=yes: must be true or false"),
         (["step", "data=digits"], "data= applies to `loader` only"),

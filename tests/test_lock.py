@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest brings tomli
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("test", "hf", "wds", "slurm", "robustness", "ffcv")
+EXTRAS = ("test", "hf", "wds", "slurm", "robustness", "onnx", "ffcv")
 
 
 def locked() -> dict[str, Version]:

@@ -288,6 +288,9 @@ def test_a_non_editable_install_runs_the_commands_from_anywhere(trained, tmp_pat
     predicted = command("convnext-predict", f"checkpoint={checkpoint}", f"images={root / 'val'}", "out=p.csv")
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert len((elsewhere / "p.csv").read_text().splitlines()) == 1 + 16
+    exported = command("convnext-export", f"checkpoint={checkpoint}", "format=safetensors", "out=m.safetensors")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["m.safetensors", "outputs", "p.csv"]  # no export.log
     composed = command("convnext-train", "model=convnext_t", "data.root=/datasets/imagenet", "--cfg", "job")
     assert composed.returncode == 0, composed.stderr[-2000:]
     assert "drop_path_rate: 0.1" in composed.stdout and "lr: 0.004" in composed.stdout

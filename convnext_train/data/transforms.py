@@ -3,10 +3,14 @@
 Training augmentation is timm's `create_transform` with the `conf/aug` values, exactly the call the
 official `datasets.build_transform(is_train=True)` makes; Mixup/CutMix and the losses are timm's
 classes, chosen by the official `main.py` logic. Only the eval transform is written out here (see
-`eval_transform` for why), plus one repair in timm's RandAugment op table (see below).
+`EvalPreprocessing` for why), plus one repair in timm's RandAugment op table (see below).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
@@ -15,7 +19,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torchvision import transforms
 
-__all__ = ["eval_transform", "mixup_fn", "posterize_zero_bits_black", "train_transform", "train_loss"]
+__all__ = [
+    "EvalPreprocessing",
+    "eval_transform",
+    "mixup_fn",
+    "posterize_zero_bits_black",
+    "train_transform",
+    "train_loss",
+]
 
 # The official eval protocol: below this size, resize the shorter side to img_size / crop_pct and
 # centre-crop; at this size and above, squash the whole image to a square (no crop).
@@ -47,23 +58,69 @@ for _posterize_name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
 
 
 def eval_transform(img_size: int, crop_pct: float) -> transforms.Compose:
-    """The official ConvNeXt eval transform (bicubic, ImageNet mean/std).
+    """The official ConvNeXt eval transform (bicubic, ImageNet mean/std): `EvalPreprocessing`'s."""
+    return EvalPreprocessing(img_size, crop_pct).transform()
+
+
+@dataclass(frozen=True)
+class EvalPreprocessing:
+    """The evaluation input contract: what a model expects its images to have been through. An ONNX
+    export carries it in its metadata (`metadata()`), so that predict.py, or a service in another
+    language, prepares images exactly as evaluation here does.
 
     Written with torchvision rather than timm's eval transform because the official protocol
     switches on img_size: at >= 384 it squashes to (img_size, img_size) and ignores crop_pct, which
     timm's eval modes (all of which resize by 1 / crop_pct) do not express.
     """
-    bicubic = transforms.InterpolationMode.BICUBIC
-    if img_size >= SQUASH_FROM_SIZE:
-        resize = [transforms.Resize((img_size, img_size), interpolation=bicubic)]
-    else:
-        resize = [
-            transforms.Resize(int(img_size / crop_pct), interpolation=bicubic),
-            transforms.CenterCrop(img_size),
-        ]
-    return transforms.Compose(
-        [*resize, transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    )
+
+    img_size: int
+    crop_pct: float
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    interpolation: str = "bicubic"
+
+    @property
+    def resize(self) -> str:
+        """`squash` (the whole image to img_size x img_size) or `shorter_side_then_center_crop`
+        (shorter side to int(img_size / crop_pct), then the centre img_size x img_size)."""
+        return "squash" if self.img_size >= SQUASH_FROM_SIZE else "shorter_side_then_center_crop"
+
+    def transform(self) -> transforms.Compose:
+        mode = transforms.InterpolationMode(self.interpolation)
+        if self.resize == "squash":
+            resize = [transforms.Resize((self.img_size, self.img_size), interpolation=mode)]
+        else:
+            resize = [
+                transforms.Resize(int(self.img_size / self.crop_pct), interpolation=mode),
+                transforms.CenterCrop(self.img_size),
+            ]
+        return transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
+
+    def metadata(self) -> dict[str, str]:
+        """String values (ONNX metadata holds strings): numbers as JSON, the resize rule spelled out."""
+        return {
+            "img_size": str(self.img_size),
+            "crop_pct": repr(float(self.crop_pct)),
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "mean": json.dumps(list(self.mean)),
+            "std": json.dumps(list(self.std)),
+            "pixels": "RGB, scaled to [0, 1], then (x - mean) / std; NCHW",
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> EvalPreprocessing:
+        """The inverse of `metadata()`; KeyError or ValueError when a value is missing or malformed."""
+        preprocessing = cls(
+            img_size=int(metadata["img_size"]),
+            crop_pct=float(metadata["crop_pct"]),
+            mean=tuple(float(v) for v in json.loads(metadata["mean"])),
+            std=tuple(float(v) for v in json.loads(metadata["std"])),
+            interpolation=transforms.InterpolationMode(metadata["interpolation"]).value,
+        )
+        if preprocessing.resize != metadata["resize"]:
+            raise ValueError(f"resize={metadata['resize']} is not what img_size={preprocessing.img_size} implies")
+        return preprocessing
 
 
 def train_transform(aug_cfg: DictConfig, img_size: int) -> transforms.Compose:

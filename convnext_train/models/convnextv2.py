@@ -36,7 +36,8 @@ class BlockV2(nn.Module):
 
 
 class ConvNeXtV2(ConvNeXt):
-    """ConvNeXt V2: the V1 hierarchy (stem, downsampling, head, init) with `BlockV2` blocks."""
+    """ConvNeXt V2: the V1 hierarchy (stem, downsampling, head, init, `forward_intermediates`,
+    `stage_norms`) with `BlockV2` blocks."""
 
     def __init__(
         self,
@@ -47,6 +48,7 @@ class ConvNeXtV2(ConvNeXt):
         drop_path_rate: float = 0.0,
         head_init_scale: float = 1.0,
         grad_checkpointing: bool = False,
+        stage_norms: bool = False,
     ):
         super().__init__(
             depths=depths,
@@ -57,6 +59,7 @@ class ConvNeXtV2(ConvNeXt):
             layer_scale_init_value=0.0,
             head_init_scale=head_init_scale,
             grad_checkpointing=grad_checkpointing,
+            stage_norms=stage_norms,
         )
 
     def make_block(self, dim: int, drop_path: float, layer_scale_init_value: float) -> nn.Module:

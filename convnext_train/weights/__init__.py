@@ -20,7 +20,7 @@ Modules, each importing only those before it:
 - `layouts`: the timm, Hugging Face, torchvision and FCMAE layouts, to and from the official one, and
   detecting them;
 - `loading`: finding the weights in a checkpoint and loading them into our models;
-- `export`: writing a model as a Hugging Face `from_pretrained` directory or a torchvision state dict.
+- `export`: writing a model in each layout: official, timm, Hugging Face directory, torchvision, safetensors.
 
 Everything is imported from here (`from convnext_train.weights import load_weights`).
 """
@@ -28,7 +28,13 @@ Everything is imported from here (`from convnext_train.weights import load_weigh
 from __future__ import annotations
 
 from convnext_train.weights.errors import CheckpointError
-from convnext_train.weights.export import export_hf, export_torchvision
+from convnext_train.weights.export import (
+    export_hf,
+    export_official,
+    export_safetensors,
+    export_timm,
+    export_torchvision,
+)
 from convnext_train.weights.files import read_checkpoint, save_checkpoint
 from convnext_train.weights.layouts import (
     FCMAE_DROPPED,
@@ -51,6 +57,9 @@ __all__ = [
     "CheckpointError",
     "detect_format",
     "export_hf",
+    "export_official",
+    "export_safetensors",
+    "export_timm",
     "export_torchvision",
     "fcmae_to_official",
     "hf_to_official",

@@ -1,8 +1,12 @@
-"""Exports: a Hugging Face `transformers` directory that `from_pretrained` loads, and a torchvision
-state dict that `torchvision.models.convnext_<size>(weights=None)` loads strictly.
+"""Exports, one function per layout: the official release's file, timm's state dict, a Hugging Face
+`transformers` directory that `from_pretrained` loads, a torchvision state dict that
+`torchvision.models.convnext_<size>(weights=None)` loads strictly, and the official names in a
+safetensors file.
 
-The names come from `layouts.official_to_hf` / `official_to_torchvision`; what is added here for
-Hugging Face is the model's config, read off the weights.
+The names come from `layouts`; what is added here is what each library needs beside the names: the
+config for Hugging Face, the tensor shapes of timm's named model (its small sizes use 1x1
+convolutions where the others use Linear layers). `python -m convnext_train.export` writes these
+files and reads each back with its library (convnext_train/export.py).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+import timm
+import torch
 from torch import nn
 
 from convnext_train.weights.errors import CheckpointError
@@ -20,17 +26,59 @@ from convnext_train.weights.layouts import (
     architecture,
     is_v2,
     official_to_hf,
+    official_to_timm,
     official_to_torchvision,
 )
 
-__all__ = ["export_hf", "export_torchvision"]
+__all__ = ["export_hf", "export_official", "export_safetensors", "export_timm", "export_torchvision", "timm_model"]
 
 
-def export_hf(model: nn.Module, out_dir: str | os.PathLike) -> None:
+def export_official(model: nn.Module, path: str | os.PathLike) -> None:
+    """The facebookresearch release's layout: `{"model": state_dict}` in a torch file, which the
+    official main.py's `--finetune` and `--resume` read (and every loader here)."""
+    save_checkpoint({"model": model.state_dict()}, path)
+
+
+def export_safetensors(model: nn.Module, path: str | os.PathLike) -> None:
+    """The official names in a safetensors file: tensors only, nothing to unpickle."""
+    save_checkpoint(model.state_dict(), Path(path))
+
+
+def timm_model(state_dict, timm_name: str | None) -> nn.Module:
+    """The timm model these official-layout weights are: `timm.create_model(timm_name)` when timm has
+    a name for the variant (its shapes are the ones users load into), else timm's ConvNeXt class
+    built to the same depths and dims. On the meta device: for its names and shapes."""
+    _reject_isotropic(state_dict, "timm")
+    num_classes = state_dict["head.weight"].shape[0]
+    in_chans = state_dict["downsample_layers.0.0.weight"].shape[1]
+    with torch.device("meta"):
+        if timm_name is not None:
+            return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        depths, dims = architecture(state_dict)
+        has_layer_scale = any(re.fullmatch(r"stages\.\d+\.\d+\.gamma", name) for name in state_dict)
+        return timm.models.convnext.ConvNeXt(
+            depths=depths,
+            dims=dims,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            use_grn=is_v2(state_dict),
+            ls_init_value=1e-6 if has_layer_scale else None,
+        )
+
+
+def export_timm(model: nn.Module, path: str | os.PathLike, timm_name: str | None) -> None:
+    """timm's names and shapes (`timm_model`'s), `.pth` or `.safetensors`: `timm.create_model(timm_name,
+    num_classes=..., pretrained=True, pretrained_cfg_overlay=dict(file=path))` loads it."""
+    state_dict = model.state_dict()
+    save_checkpoint(official_to_timm(state_dict, timm_model(state_dict, timm_name)), path)
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, class_names: list[str] | None = None) -> None:
     """Write `model` as a directory that `ConvNextForImageClassification.from_pretrained` (or the V2
     class, for ConvNeXt V2) loads: `config.json` and `model.safetensors`.
 
-    The architecture is read off the weights, so any of our hierarchical models can be exported.
+    The architecture is read off the weights, so any of our hierarchical models can be exported;
+    `class_names` become config.json's id2label (and so the pipeline's labels).
     """
     state_dict = model.state_dict()
     _reject_isotropic(state_dict, "Hugging Face")
@@ -50,6 +98,9 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike) -> None:
         # Our final LayerNorm uses the official eps; transformers defaults to 1e-12.
         layer_norm_eps=1e-6,
     )
+    if class_names is not None:
+        settings["id2label"] = dict(enumerate(class_names))
+        settings["label2id"] = {name: i for i, name in enumerate(class_names)}
     if is_v2(state_dict):
         config = ConvNextV2Config(architectures=["ConvNextV2ForImageClassification"], **settings)
     else:
