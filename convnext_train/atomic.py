@@ -32,7 +32,11 @@ class DiskFullError(UserError):
         )
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomically(
+    path: Path, write: Callable[[BinaryIO], object], before_rename: Callable[[], object] = lambda: None
+) -> None:
+    """`write` fills the file; `before_rename` runs once it is complete and synced, before it takes
+    `path`'s name (a companion file that must not appear without it, or after it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Created with open(), not tempfile.mkstemp, so the file gets the umask's permissions rather
     # than mkstemp's private 0600, which the target would inherit.
@@ -42,6 +46,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(file)
             file.flush()
             os.fsync(file.fileno())
+        before_rename()
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)

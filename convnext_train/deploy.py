@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ def export_onnx(
     """Write `model` (left unchanged) to `path` as ONNX; `precision="fp16"` stores weights and takes
     images in half precision (for GPU runtimes: half the file, faster tensor cores). A model over
     protobuf's 2 GiB limit gets its weights in `<path>.data` beside it."""
+    _require("onnxscript", "format=onnx")  # what torch.onnx's exporter writes the graph with
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
     module = _LogitsAndEmbeddings(copy.deepcopy(model).to(dtype)).eval()
     example = torch.zeros(2, 3, preprocessing.img_size, preprocessing.img_size, dtype=dtype)
@@ -114,15 +116,15 @@ class OnnxModel:
     precision: str
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, threads: int | None = None) -> OnnxModel:
-        """One line, naming the fix, for a file that is not ONNX or not ours (no metadata)."""
-        import onnxruntime
-
+    def load(cls, path: str | os.PathLike, *, threads: int | None = None, device: str = "auto") -> OnnxModel:
+        """One line, naming the fix, for a file that is not ONNX or not ours (no metadata). `device`:
+        cpu, or auto / cuda for CUDA's provider when this onnxruntime has it (onnxruntime-gpu)."""
+        onnxruntime = _require("onnxruntime", "backend=onnxruntime")
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         try:
-            session = onnxruntime.InferenceSession(str(path), options, providers=_providers(onnxruntime))
+            session = onnxruntime.InferenceSession(str(path), options, providers=_providers(onnxruntime, device))
         except Exception as error:  # ORT raises its own exception types, one per failure
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(
@@ -155,10 +157,19 @@ class OnnxModel:
         return torch.from_numpy(logits).float(), torch.from_numpy(embeddings).float()
 
 
-def _providers(onnxruntime) -> list[str]:
-    """CUDA first when this onnxruntime build has it (onnxruntime-gpu), else the CPU."""
-    available = onnxruntime.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+def _providers(onnxruntime, device: str) -> list[str]:
+    """CUDA first when asked for and this onnxruntime build has it (onnxruntime-gpu), else the CPU."""
+    wanted = ("CPUExecutionProvider",) if device == "cpu" else ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return [p for p in wanted if p in onnxruntime.get_available_providers()]
+
+
+def _require(package: str, what: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise UserError(
+            f"{what} needs the {package} package: pip install 'convnext-train[onnx]' (onnx, onnxscript, onnxruntime)"
+        ) from None
 
 
 def is_onnx(path: str | os.PathLike) -> bool:

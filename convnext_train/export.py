@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import timm
 import torch
+import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -33,8 +35,8 @@ from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.transforms import EvalPreprocessing
 from convnext_train.deploy import OnnxModel, export_onnx, quiet
 from convnext_train.errors import UserError, exit_on_user_error
-from convnext_train.inference import CheckpointModel, load_checkpoint_model, load_command_model
-from convnext_train.models import TIMM_NAMES
+from convnext_train.inference import CheckpointModel, load_command_model
+from convnext_train.models import TIMM_NAMES, build_model
 from convnext_train.weights import (
     CheckpointError,
     export_hf,
@@ -42,10 +44,13 @@ from convnext_train.weights import (
     export_safetensors,
     export_timm,
     export_torchvision,
+    load_weights,
     official_to_hf,
     official_to_timm,
     official_to_torchvision,
+    timm_model,
 )
+from convnext_train.weights.layouts import TORCHVISION_SIZES, architecture, is_v2
 from convnext_train.weights.loading import Architecture
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # largest logit difference, relative to the largest logit (>= 1)
@@ -66,10 +71,12 @@ class Exported:
 
     @property
     def timm_name(self) -> str | None:
-        """timm's name for a model of this class and size (not for the `model=` it was built from,
-        whose size may have been overridden)."""
-        shape = Architecture.of(self.model.state_dict())
-        return TIMM_NAMES.get(shape.variant()) if shape is not None else None
+        """timm's name for a model of this class, size and layer scale (not for the `model=` it was
+        built from, whose size may have been overridden); None when timm names none."""
+        weights = self.model.state_dict()
+        shape = Architecture.of(weights)
+        name = TIMM_NAMES.get(shape.variant()) if shape is not None else None
+        return timm_model(weights, name)[1] if name is not None else None
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,9 @@ class Format:
     """How one format is checked, written and read back.
 
     `accepts` raises CheckpointError when the model has no equivalent there; `write` writes to a path
-    (a file, or a directory for `directory` formats); `read_back` returns the logits that the
-    format's own library computes from what was written; `suffixes` are the file names allowed
-    (empty: a directory); `how_to_load` is printed, `{out}` filled in.
+    (a file, or a directory when `suffixes` is empty); `read_back` returns the logits that the
+    format's own library computes from what was written; `how_to_load` is the line printed at the
+    end: the call that loads the file.
     """
 
     accepts: Callable[[dict], None]
@@ -87,31 +94,58 @@ class Format:
     read_back: Callable[[Exported, Path, torch.Tensor], torch.Tensor]
     library: str
     suffixes: tuple[str, ...]
-    how_to_load: str
+    how_to_load: Callable[[Exported, Path], str]
+
+    def refusal(self, weights: dict) -> str | None:
+        """Why the model cannot go to this format (its converter's reason), or None."""
+        try:
+            self.accepts(weights)
+        except CheckpointError as error:
+            return error.args[0].rstrip(".").split(";")[0]
+        return None
 
 
 def _accept_any(state_dict: dict) -> None:
     pass
 
 
+def _accept_rgb(state_dict: dict) -> None:
+    stem = state_dict.get("downsample_layers.0.0.weight", state_dict.get("stem.weight"))
+    if stem is not None and stem.shape[1] != 3:
+        raise CheckpointError(f"its input has {stem.shape[1]} channels; the ONNX input contract is RGB")
+
+
 def _read_ours(exported: Exported, path: Path, images: torch.Tensor) -> torch.Tensor:
-    # The file alone: architecture from its shapes, as eval.py without model= would.
-    return load_checkpoint_model(path, None).model(images)
+    # Strictly, into a fresh model of the exported architecture (its config: the file's shapes alone
+    # do not say a size no model= config has, nor settings such as layer scale).
+    model = build_model(exported.loaded.model_cfg)
+    load_weights(model, path)
+    return model.eval()(images)
 
 
 def _read_timm(exported: Exported, path: Path, images: torch.Tensor) -> torch.Tensor:
-    import timm
-
-    weights = exported.model.state_dict()
-    if exported.timm_name is not None:
-        model = timm.create_model(exported.timm_name, pretrained=False, num_classes=weights["head.weight"].shape[0])
-    else:
-        from convnext_train.weights.export import timm_model
-
-        model = timm_model(weights, None).to_empty(device="cpu")
+    model, _ = timm_model(exported.model.state_dict(), exported.timm_name, device="cpu")
     with quiet("timm"):  # its INFO record names the temporary path
         timm.models.load_checkpoint(model, str(path), strict=True)
     return model.eval()(images)
+
+
+def _load_timm(exported: Exported, out: Path) -> str:
+    classes = len(exported.loaded.class_names)
+    if exported.timm_name is not None:
+        return (
+            f"timm.create_model({exported.timm_name!r}, num_classes={classes}, pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={classes}))"
+        )
+    weights = exported.model.state_dict()
+    depths, dims = architecture(weights)
+    kind = ", use_grn=True, ls_init_value=None" if is_v2(weights) else ""
+    if not is_v2(weights) and not any(name.endswith(".gamma") for name in weights):
+        kind = ", ls_init_value=None"
+    return (
+        f"model = timm.models.convnext.ConvNeXt(depths={depths}, dims={dims}, num_classes={classes}{kind}); "
+        f"timm.models.load_checkpoint(model, {str(out)!r})"
+    )
 
 
 def _read_hf(exported: Exported, path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -122,21 +156,16 @@ def _read_hf(exported: Exported, path: Path, images: torch.Tensor) -> torch.Tens
     return AutoModelForImageClassification.from_pretrained(path).eval()(pixel_values=images).logits
 
 
+def _torchvision_builder(exported: Exported) -> str:
+    """torchvision's function for this size: its names are timm's (convnext_tiny .. convnext_large)."""
+    return TIMM_NAMES[TORCHVISION_SIZES[tuple(map(tuple, architecture(exported.model.state_dict())))]]
+
+
 def _read_torchvision(exported: Exported, path: Path, images: torch.Tensor) -> torch.Tensor:
-    import torchvision
-
-    from convnext_train.weights.layouts import TORCHVISION_SIZES, architecture
-
-    weights = exported.model.state_dict()
-    variant = TORCHVISION_SIZES[tuple(map(tuple, architecture(weights)))]
-    builder = getattr(torchvision.models, TIMM_NAMES[variant])  # torchvision's names are timm's: convnext_tiny
-    model = builder(weights=None, num_classes=weights["head.weight"].shape[0])
+    builder = getattr(torchvision.models, _torchvision_builder(exported))
+    model = builder(weights=None, num_classes=len(exported.loaded.class_names))
     model.load_state_dict(torch.load(path, weights_only=True), strict=True)
     return model.eval()(images)
-
-
-def _read_onnx(exported: Exported, path: Path, images: torch.Tensor) -> torch.Tensor:
-    return OnnxModel.load(path)(images)[0]
 
 
 def _write_onnx(exported: Exported, path: Path) -> None:
@@ -158,33 +187,34 @@ FORMATS: dict[str, Format] = {
         _read_ours,
         "convnext_train's loader",
         (".pth", ".pt"),
-        "the official repository: main.py --finetune {out}; here: checkpoint={out} or finetune.checkpoint={out}",
+        lambda e, out: f"the official main.py --finetune {out}; here checkpoint={out} or finetune.checkpoint={out}",
     ),
     "timm": Format(
-        lambda sd: official_to_timm(sd),
+        official_to_timm,
         lambda e, path: export_timm(e.model, path, e.timm_name),
         _read_timm,
         "timm",
         (".pth", ".pt", ".bin", ".safetensors"),
-        "timm.create_model({timm_name!r}, num_classes={num_classes}, pretrained=True, "
-        "pretrained_cfg_overlay=dict(file={out!r}, num_classes={num_classes}))",
+        _load_timm,
     ),
     "hf": Format(
-        lambda sd: official_to_hf(sd),
+        official_to_hf,
         lambda e, path: export_hf(e.model, path, e.loaded.class_names),
         _read_hf,
         "transformers",
         (),
-        "transformers.AutoModelForImageClassification.from_pretrained({out!r})",
+        lambda e, out: f"transformers.AutoModelForImageClassification.from_pretrained({str(out)!r})",
     ),
     "torchvision": Format(
-        lambda sd: official_to_torchvision(sd),
+        official_to_torchvision,
         lambda e, path: export_torchvision(e.model, path),
         _read_torchvision,
         "torchvision",
         (".pth", ".pt"),
-        "model = torchvision.models.<convnext_size>(weights=None, num_classes={num_classes}); "
-        "model.load_state_dict(torch.load({out!r}))",
+        lambda e, out: (
+            f"model = torchvision.models.{_torchvision_builder(e)}(weights=None, num_classes={len(e.loaded.class_names)}); "
+            f"model.load_state_dict(torch.load({str(out)!r}))"
+        ),
     ),
     "safetensors": Format(
         _accept_any,
@@ -192,15 +222,15 @@ FORMATS: dict[str, Format] = {
         _read_ours,
         "convnext_train's loader",
         (".safetensors",),
-        "safetensors.torch.load_file({out!r}) (official names); here: checkpoint={out}",
+        lambda e, out: f"safetensors.torch.load_file({str(out)!r}) (official names); here checkpoint={out}",
     ),
     "onnx": Format(
-        _accept_any,
+        _accept_rgb,
         _write_onnx,
-        _read_onnx,
+        lambda e, path, images: OnnxModel.load(path)(images)[0],
         "ONNX Runtime",
         (".onnx",),
-        "python predict.py backend=onnxruntime checkpoint={out} images=<folder>",
+        lambda e, out: f"python predict.py backend=onnxruntime checkpoint={out} images=<folder>",
     ),
 }
 
@@ -210,14 +240,12 @@ def run(cfg: DictConfig) -> Path:
     loaded = load_command_model(cfg)
     fmt = FORMATS[cfg.format]
     weights = loaded.model.state_dict()
-    try:
-        fmt.accepts(weights)
-    except CheckpointError as error:
-        can = [name for name, other in FORMATS.items() if _accepts(other, weights)]
+    reason = fmt.refusal(weights)
+    if reason is not None:
+        can = [name for name, other in FORMATS.items() if other.refusal(weights) is None]
         raise UserError(
-            f"format={cfg.format} cannot take {loaded.variant} ({error.args[0].rstrip('.').split(';')[0]}); "
-            f"it can go to format={', '.join(can)}"
-        ) from None
+            f"format={cfg.format} cannot take {loaded.variant} ({reason}); it can go to format={', '.join(can)}"
+        )
     exported = Exported(
         loaded,
         loaded.preprocessing(cfg.img_size, cfg.crop_pct),
@@ -234,24 +262,16 @@ def run(cfg: DictConfig) -> Path:
     )
     with torch.no_grad():
         ours = loaded.model(images)
-        difference = _write_and_check(fmt, exported, out, images, ours, tolerance, cfg.overwrite)
+        try:
+            difference = _write_and_check(fmt, exported, out, images, ours, tolerance, cfg.overwrite)
+        except OSError as error:  # a read-only or missing folder, a name taken by a folder, ...
+            raise UserError(f"cannot write out={out}: {error.strerror or error}; nothing was written") from error
     print(
         f"wrote {out} (format={cfg.format}, {loaded.variant}, {exported.precision}); read back by {fmt.library}: "
         f"largest logit difference {difference:.2e} (tolerance {tolerance:.0e} x largest logit)"
     )
-    print(
-        "load it with: "
-        + fmt.how_to_load.format(out=str(out), timm_name=exported.timm_name, num_classes=len(loaded.class_names))
-    )
+    print("load it with: " + fmt.how_to_load(exported, out))
     return out
-
-
-def _accepts(fmt: Format, weights: dict) -> bool:
-    try:
-        fmt.accepts(weights)
-    except CheckpointError:
-        return False
-    return True
 
 
 def _write_and_check(
@@ -263,10 +283,12 @@ def _write_and_check(
     tolerance: float,
     overwrite: bool,
 ) -> float:
-    """Write into a private directory beside `out`, read back, compare, then rename into place (every
-    file the export made: ONNX's `.data` beside a large model too). Nothing is left on failure."""
+    """Write into a private directory beside `out`, read back, compare, then rename into place: every
+    file the export made (ONNX's `<out>.data` beside a model over 2 GiB too), `out` itself last, so a
+    reader never finds it without its data. Nothing is left on failure or interruption."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    staging.mkdir()
     try:
         written = staging / out.name
         fmt.write(exported, written)
@@ -279,23 +301,36 @@ def _write_and_check(
                 f"{difference:.2e} x largest logit, over the tolerance {tolerance:.0e}; nothing was written to {out} "
                 "(tolerance= raises the limit, if that difference is expected)"
             )
-        for item in sorted(staging.iterdir()):
-            _replace(item, out.parent / item.name, overwrite)
+        made = sorted(staging.iterdir(), key=lambda item: item.name == out.name)
+        for item in made:  # appeared while exporting?
+            if (out.parent / item.name).exists() and not overwrite:
+                raise UserError(f"out={out.parent / item.name} exists: choose another out=, or add overwrite=true")
+        for item in made:
+            _replace(item, out.parent / item.name)
+        stale = out.with_name(out.name + ".data")  # an earlier, larger export's weights
+        if fmt is FORMATS["onnx"] and stale.exists() and not (staging / stale.name).exists():
+            stale.unlink()
         return difference
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _replace(source: Path, target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:  # appeared while exporting
-        raise UserError(f"out={target} exists: choose another out=, or add overwrite=true")
-    if target.is_dir() and not target.is_symlink():
-        aside = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
-        os.replace(target, aside)
+def _replace(source: Path, target: Path) -> None:
+    if not (target.is_dir() and not target.is_symlink()):
         os.replace(source, target)
-        shutil.rmtree(aside)
-    else:
+        return
+    aside = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
+    os.replace(target, aside)
+    try:
         os.replace(source, target)
+    except BaseException:
+        os.replace(aside, target)  # the old export back where it was
+        raise
+    shutil.rmtree(aside)
+
+
+# An existing directory that overwrite=true may replace: what an earlier `format=hf` export wrote.
+_EXPORT_DIRECTORY_FILES = (".json", ".safetensors", ".bin", ".md", ".txt")
 
 
 def _check(cfg: DictConfig) -> None:
@@ -307,11 +342,24 @@ def _check(cfg: DictConfig) -> None:
         raise UserError("invalid export config: " + "; ".join(problems) + f" (format= one of {', '.join(FORMATS)})")
     if cfg.format not in FORMATS:
         raise UserError(f"format={cfg.format} is not a format we write: choose one of {', '.join(FORMATS)}")
-    fmt, out = FORMATS[cfg.format], Path(cfg.out).expanduser()
-    if fmt.suffixes and out.suffix.lower() not in fmt.suffixes:
+    fmt, out = FORMATS[cfg.format], Path(cfg.out).expanduser().resolve()
+    if fmt.suffixes and out.suffix not in fmt.suffixes:
         problems.append(f"out={cfg.out}: format={cfg.format} writes a {' or '.join(fmt.suffixes)} file")
-    if out.exists() and not cfg.overwrite:
+    if not isinstance(cfg.overwrite, bool):
+        problems.append(f"overwrite={cfg.overwrite}: must be true or false")
+    elif out.exists() and not cfg.overwrite:
         problems.append(f"out={cfg.out} exists: choose another out=, or add overwrite=true")
+    elif out.exists() and out.is_dir() != (not fmt.suffixes):
+        problems.append(
+            f"out={cfg.out} is a {'directory' if out.is_dir() else 'file'}: format={cfg.format} writes a "
+            f"{'file' if fmt.suffixes else 'directory'} there; choose another out="
+        )
+    elif out.is_dir() and not _an_earlier_export(out, Path(cfg.checkpoint).expanduser().resolve()):
+        problems.append(
+            f"out={cfg.out} holds more than an earlier export (folders, or files other than "
+            f"{', '.join(_EXPORT_DIRECTORY_FILES)}, or the checkpoint): overwrite=true replaces the whole "
+            "directory, so choose another out="
+        )
     if cfg.precision not in TOLERANCE:
         problems.append(f"precision={cfg.precision}: must be one of {', '.join(TOLERANCE)}")
     elif cfg.precision != "fp32" and cfg.format != "onnx":
@@ -320,10 +368,22 @@ def _check(cfg: DictConfig) -> None:
         problems.append(f"img_size={cfg.img_size}: must be null or a positive integer")
     if cfg.crop_pct is not None and not (isinstance(cfg.crop_pct, (int, float)) and 0 < cfg.crop_pct <= 1):
         problems.append(f"crop_pct={cfg.crop_pct}: must be null or in (0, 1]")
+    if cfg.opset is not None and not (cfg.format == "onnx" and isinstance(cfg.opset, int) and cfg.opset >= 18):
+        problems.append(
+            f"opset={cfg.opset}: format=onnx only, and 18 or later (the exporter's range); null: its default"
+        )
     if cfg.tolerance is not None and not (isinstance(cfg.tolerance, (int, float)) and cfg.tolerance > 0):
         problems.append(f"tolerance={cfg.tolerance}: must be null or a positive number")
     if problems:
         raise UserError("invalid export config: " + "; ".join(problems))
+
+
+def _an_earlier_export(directory: Path, checkpoint: Path) -> bool:
+    """Only files an export writes, and neither the checkpoint nor the directory this runs from inside."""
+    inside = (Path.cwd(), checkpoint)
+    if any(path == directory or directory in path.parents for path in inside):
+        return False
+    return all(item.is_file() and item.suffix in _EXPORT_DIRECTORY_FILES for item in directory.iterdir())
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="export")

@@ -17,13 +17,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
-import os
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -75,7 +77,15 @@ def pytorch_backend(cfg: DictConfig) -> Predictor:
 
 def onnxruntime_backend(cfg: DictConfig) -> Predictor:
     """An ONNX file of ours in ONNX Runtime: its preprocessing and class names from its metadata."""
-    onnx_model = OnnxModel.load(cfg.checkpoint)
+    ignored = [
+        f"{key}={cfg[key]}" for key, default in (("precision", "fp32"), ("use_ema", False)) if cfg[key] != default
+    ]
+    if HydraConfig.get().runtime.choices.get("model") or ignored:
+        raise UserError(
+            f"backend=onnxruntime runs the ONNX file as exported: {', '.join(ignored) or 'model='} does not apply "
+            "(export again from the checkpoint with the setting you want)"
+        )
+    onnx_model = OnnxModel.load(cfg.checkpoint, device=cfg.device)
     preprocessing = onnx_model.preprocessing
     if cfg.img_size is not None and cfg.img_size != preprocessing.img_size:
         raise UserError(
@@ -106,19 +116,21 @@ def run(cfg: DictConfig) -> Path:
         pin_memory=predictor.pin_memory,
     )
     out = Path(cfg.out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     unreadable, vectors = 0, []
     header = ["path"] + [f"{kind}_{rank}" for rank in range(1, topk + 1) for kind in ("class", "prob")] + ["error"]
-    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed to out when every row is written
-    try:
-        with partial.open("w", newline="") as file, torch.no_grad(), tqdm(total=len(paths), unit="img") as progress:
-            writer = csv.writer(file)
-            writer.writerow(header)
+
+    def write_rows(binary: BinaryIO) -> None:
+        nonlocal unreadable
+        file = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+        writer = csv.writer(file)
+        writer.writerow(header)
+        with torch.no_grad(), tqdm(total=len(paths), unit="img") as progress:
             for batch, indices, errors in images:
                 logits, embeddings = predictor.forward(batch)
                 probs, classes = logits.softmax(dim=1).topk(topk, dim=1)
-                failed = torch.tensor([bool(error) for error in errors])
-                vectors.append(embeddings.masked_fill(failed[:, None], float("nan")))
+                if cfg.embeddings:
+                    failed = torch.tensor([bool(error) for error in errors])
+                    vectors.append(embeddings.masked_fill(failed[:, None], float("nan")))
                 for index, error, p, c in zip(indices.tolist(), errors, probs.tolist(), classes.tolist(), strict=True):
                     if error:
                         unreadable += 1
@@ -127,23 +139,26 @@ def run(cfg: DictConfig) -> Path:
                         ranked = [value for k in range(topk) for value in (names[c[k]], f"{p[k]:.6f}")]
                         writer.writerow([paths[index], *ranked, ""])
                 progress.update(len(indices))
-        if cfg.embeddings:
-            array = torch.cat(vectors).numpy()
-            write_atomically(out.with_suffix(".npy"), lambda f: np.save(f, array))
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+        file.flush()
+        file.detach()  # the binary file stays open for write_atomically to sync and rename
+
+    # The CSV appears whole when every image is done (atomic.py); the embeddings' file just before it.
+    write_atomically(out, write_rows, before_rename=lambda: _write_embeddings(cfg, out, vectors))
     print(f"{len(paths)} images ({predictor.variant}, {size}px, {cfg.backend}): predictions in {out}")
     if cfg.embeddings:
-        print(
-            f"embeddings: {out.with_suffix('.npy')}, {len(paths)} x {array.shape[1]} float32, rows in the CSV's order"
-        )
+        print(f"embeddings: {out.with_suffix('.npy')}, {len(paths)} vectors (float32), rows in the CSV's order")
     if unreadable:
         print(
             f"{unreadable} of them could not be read: their rows have no classes and say why in the error column"
             + (" (and NaN embeddings)" if cfg.embeddings else "")
         )
     return out
+
+
+def _write_embeddings(cfg: DictConfig, out: Path, vectors: list[torch.Tensor]) -> None:
+    if cfg.embeddings:
+        array = torch.cat(vectors).numpy()
+        write_atomically(out.with_suffix(".npy"), lambda file: np.save(file, array))
 
 
 def find_images(spec: str) -> list[str]:

@@ -30,6 +30,7 @@ from transformers import AutoModelForImageClassification
 
 from convnext_train.configs import CONFIG_DIR
 from convnext_train.data.transforms import eval_transform
+from convnext_train.errors import UserError
 from convnext_train.export import run as export_run
 from convnext_train.weights import official_to_timm
 
@@ -147,7 +148,19 @@ def test_torchvision_reads_a_convnext_t_export(tmp_path):
         assert_close(theirs(batch()), model(batch()), rtol=0, atol=1e-5)
 
 
-def test_timm_export_of_a_size_timm_does_not_name_loads_into_timms_class(tmp_path):
+@pytest.mark.parametrize(("fmt", "name"), [("official", "small.pth"), ("safetensors", "small.safetensors")])
+def test_a_size_no_config_has_goes_to_our_formats_and_back(small, tmp_path, fmt, name):
+    """Read back into the exported architecture, not one guessed from a config of the same shapes."""
+    checkpoint, model = small
+    out = export(f"checkpoint={checkpoint}", f"format={fmt}", f"out={tmp_path / name}")
+    fresh = build_model("convnext_atto", num_classes=4, depths=[1, 1, 2, 1], dims=[8, 16, 24, 32]).eval()
+    weights = torch.load(out, weights_only=True)["model"] if fmt == "official" else safetensors.torch.load_file(out)
+    fresh.load_state_dict(weights, strict=True)
+    with torch.no_grad():
+        assert_close(fresh(batch()), model(batch()), rtol=0, atol=0)
+
+
+def test_timm_export_of_a_size_timm_does_not_name_loads_into_timms_class(tmp_path, capsys):
     """No conf/model config, so no timm name: the file is in the shapes of timm's ConvNeXt class
     built to the same depths and dims (Linear MLPs, as timm's T..XL)."""
     model = randomize_(build_model("convnext_atto", num_classes=4, depths=[1, 1, 2, 1], dims=[8, 16, 24, 32])).eval()
@@ -161,9 +174,15 @@ def test_timm_export_of_a_size_timm_does_not_name_loads_into_timms_class(tmp_pat
         "model.depths=[1,1,2,1]",
         "model.dims=[8,16,24,32]",
     )
-    theirs = timm.models.convnext.ConvNeXt(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=4).eval()
+    theirs = timm.models.convnext.ConvNeXt(depths=[1, 1, 2, 1], dims=[8, 16, 24, 32], num_classes=4).eval()
     theirs.load_state_dict(torch.load(out, weights_only=True), strict=True)
     assert official_to_timm(model.state_dict()).keys() == theirs.state_dict().keys()
+    # The printed line builds exactly that model: run it.
+    line = capsys.readouterr().out.split("load it with: ", 1)[1].strip()
+    scope = {"timm": timm}
+    exec(line, scope)
+    with torch.no_grad():
+        assert_close(scope["model"].eval()(batch()), model(batch()), rtol=0, atol=1e-5)
     with torch.no_grad():
         assert_close(theirs(batch()), model(batch()), rtol=0, atol=1e-5)
 
@@ -283,6 +302,27 @@ def plain_onnx(path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["format=bogus", "out=x.pth"], "format=bogus is not a format we write: choose one of official, timm, hf"),
+        (["format=onnx", "out=x.pth"], "format=onnx writes a .onnx file"),
+        (["format=timm", "out=x.PTH"], "format=timm writes a .pth or .pt or .bin or .safetensors file"),
+        (["format=official", "out=x.pth", "precision=fp16"], "precision=fp16 is for format=onnx"),
+        (["format=official", "out=x.pth", "opset=20"], "opset=20: format=onnx only"),
+        (["format=onnx", "out=x.onnx", "opset=9"], "opset=9: format=onnx only, and 18 or later"),
+        (["format=hf", "out=taken.pth", "overwrite=true"], "is a file: format=hf writes a directory there"),
+    ],
+)
+def test_config_problems_are_named_before_any_work(trained, tmp_path, monkeypatch, overrides, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken.pth").write_bytes(b"keep me")
+    with pytest.raises(UserError, match=message):
+        export(f"checkpoint={trained[0]}", *overrides)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.pth"]
+
+
+@pytest.mark.slow  # ten commands, each a process of its own
 def test_bad_input_is_one_line_and_exit_code_2_with_nothing_written(trained, photos, tmp_path):
     checkpoint, _ = trained
     taken = tmp_path / "taken.pth"
@@ -329,6 +369,11 @@ def test_bad_input_is_one_line_and_exit_code_2_with_nothing_written(trained, pho
         "no convnext_train metadata": ["backend=onnxruntime", f"checkpoint={plain_onnx(tmp_path / 'plain.onnx')}"],
         "is an ONNX file: add backend=onnxruntime": [f"checkpoint={tmp_path / 'plain.onnx'}"],
         "ONNX Runtime cannot read": ["backend=onnxruntime", f"checkpoint={checkpoint}"],
+        "backend=onnxruntime runs the ONNX file as exported: precision=bf16 does not apply": [
+            "backend=onnxruntime",
+            f"checkpoint={tmp_path / 'plain.onnx'}",
+            "precision=bf16",
+        ],
     }
     commands = [("convnext_train.export", args) for args in export_cases.values()]
     commands += [
@@ -352,6 +397,11 @@ def test_overwrite_replaces_a_directory_whole(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_model"]
     with torch.no_grad():
         assert_close(read_hf(out)(batch()), model(batch()), rtol=0, atol=1e-5)
+    # A directory with more than an export's files in it (here: a folder) is never replaced whole.
+    (out / "runs").mkdir()
+    with pytest.raises(UserError, match="holds more than an earlier export"):
+        export(f"checkpoint={checkpoint}", "format=hf", f"out={out}", "overwrite=true")
+    assert (out / "runs").is_dir() and (out / "config.json").is_file()
 
 
 @pytest.mark.slow
@@ -367,8 +417,6 @@ def test_fp16_onnx_passes_its_tolerance_and_a_tighter_one_writes_nothing(small, 
     assert_close(torch.from_numpy(logits).float(), reference, rtol=0, atol=1e-2 * reference.abs().max().item())
     weights = [t for t in onnx.load(str(out)).graph.initializer if t.data_type != onnx.TensorProto.INT64]
     assert weights and {t.data_type for t in weights} == {onnx.TensorProto.FLOAT16}  # half the bytes
-    from convnext_train.errors import UserError
-
     with pytest.raises(UserError, match="ONNX Runtime read-back of the export differs"):
         export(
             f"checkpoint={checkpoint}", "format=onnx", "precision=fp16", "tolerance=1e-6", f"out={tmp_path / 'x.onnx'}"

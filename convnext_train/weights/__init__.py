@@ -34,6 +34,7 @@ from convnext_train.weights.export import (
     export_safetensors,
     export_timm,
     export_torchvision,
+    timm_model,
 )
 from convnext_train.weights.files import read_checkpoint, save_checkpoint
 from convnext_train.weights.layouts import (
@@ -71,6 +72,7 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
     "state_dict_from_checkpoint",
+    "timm_model",
     "timm_to_official",
     "to_official",
     "torchvision_to_official",

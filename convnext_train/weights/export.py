@@ -44,19 +44,23 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike) -> None:
     save_checkpoint(model.state_dict(), Path(path))
 
 
-def timm_model(state_dict, timm_name: str | None) -> nn.Module:
-    """The timm model these official-layout weights are: `timm.create_model(timm_name)` when timm has
-    a name for the variant (its shapes are the ones users load into), else timm's ConvNeXt class
-    built to the same depths and dims. On the meta device: for its names and shapes."""
+def timm_model(state_dict, timm_name: str | None, device: str = "meta") -> tuple[nn.Module, str | None]:
+    """The timm model these official-layout weights are, and its timm name: `timm.create_model(timm_name)`
+    when timm has a name for the variant and its tensors are these (its shapes are the ones users load
+    into), else timm's ConvNeXt class built to the same depths, dims and layer scale (and no name).
+    On the meta device unless `device` says otherwise."""
     _reject_isotropic(state_dict, "timm")
     num_classes = state_dict["head.weight"].shape[0]
     in_chans = state_dict["downsample_layers.0.0.weight"].shape[1]
-    with torch.device("meta"):
+    with torch.device(device):
         if timm_name is not None:
-            return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+            named = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+            converted = official_to_timm(state_dict, named)
+            if {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in named.state_dict().items()}:
+                return named, timm_name
         depths, dims = architecture(state_dict)
         has_layer_scale = any(re.fullmatch(r"stages\.\d+\.\d+\.gamma", name) for name in state_dict)
-        return timm.models.convnext.ConvNeXt(
+        model = timm.models.convnext.ConvNeXt(
             depths=depths,
             dims=dims,
             num_classes=num_classes,
@@ -64,13 +68,14 @@ def timm_model(state_dict, timm_name: str | None) -> nn.Module:
             use_grn=is_v2(state_dict),
             ls_init_value=1e-6 if has_layer_scale else None,
         )
+        return model, None
 
 
 def export_timm(model: nn.Module, path: str | os.PathLike, timm_name: str | None) -> None:
     """timm's names and shapes (`timm_model`'s), `.pth` or `.safetensors`: `timm.create_model(timm_name,
     num_classes=..., pretrained=True, pretrained_cfg_overlay=dict(file=path))` loads it."""
     state_dict = model.state_dict()
-    save_checkpoint(official_to_timm(state_dict, timm_model(state_dict, timm_name)), path)
+    save_checkpoint(official_to_timm(state_dict, timm_model(state_dict, timm_name)[0]), path)
 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, class_names: list[str] | None = None) -> None:
