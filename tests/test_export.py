@@ -137,6 +137,26 @@ def test_each_format_is_read_back_by_its_library_with_the_checkpoints_logits(
         assert_close(read(out)(batch()), model(batch()), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # the fast set has the V1 formats; this adds seconds of model building and reading
+def test_a_v2_model_goes_to_timm_and_hugging_face_by_their_own_names(tmp_path):
+    """GRN and no layer scale: timm's convnextv2_atto (1x1-conv MLP, flat GRN) and ConvNextV2 in transformers."""
+    model = randomize_(build_model("convnextv2_atto", num_classes=3), std=0.1).eval()
+    checkpoint = training_checkpoint(tmp_path / "v2.pt", model, "convnextv2_atto", **{"data.num_classes": 3})
+    timm_file = export(f"checkpoint={checkpoint}", "format=timm", f"out={tmp_path / 'v2_timm.safetensors'}")
+    hf_dir = export(f"checkpoint={checkpoint}", "format=hf", f"out={tmp_path / 'v2_hf'}")
+    theirs = timm.create_model(
+        "convnextv2_atto",
+        num_classes=3,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(timm_file), num_classes=3),
+    ).eval()
+    hf = AutoModelForImageClassification.from_pretrained(hf_dir).eval()
+    assert type(hf).__name__ == "ConvNextV2ForImageClassification"
+    with torch.no_grad():
+        assert_close(theirs(batch()), model(batch()), rtol=0, atol=1e-5)
+        assert_close(hf(pixel_values=batch()).logits, model(batch()), rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_torchvision_reads_a_convnext_t_export(tmp_path):
     model = randomize_(build_model("convnext_t", num_classes=3), std=0.02).eval()
