@@ -22,6 +22,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import hydra
@@ -48,9 +49,10 @@ from convnext_train.weights import (
     official_to_hf,
     official_to_timm,
     official_to_torchvision,
+    timm_class_arguments,
     timm_model,
 )
-from convnext_train.weights.layouts import TORCHVISION_SIZES, architecture, is_v2
+from convnext_train.weights.layouts import TORCHVISION_SIZES, architecture
 from convnext_train.weights.loading import Architecture
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # largest logit difference, relative to the largest logit (>= 1)
@@ -69,7 +71,7 @@ class Exported:
     def model(self) -> nn.Module:
         return self.loaded.model
 
-    @property
+    @cached_property  # building timm's model to compare its shapes is not free; several steps ask
     def timm_name(self) -> str | None:
         """timm's name for a model of this class, size and layer scale (not for the `model=` it was
         built from, whose size may have been overridden); None when timm names none."""
@@ -137,14 +139,11 @@ def _load_timm(exported: Exported, out: Path) -> str:
             f"timm.create_model({exported.timm_name!r}, num_classes={classes}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={classes}))"
         )
-    weights = exported.model.state_dict()
-    depths, dims = architecture(weights)
-    kind = ", use_grn=True, ls_init_value=None" if is_v2(weights) else ""
-    if not is_v2(weights) and not any(name.endswith(".gamma") for name in weights):
-        kind = ", ls_init_value=None"
+    arguments = timm_class_arguments(exported.model.state_dict())
     return (
-        f"model = timm.models.convnext.ConvNeXt(depths={depths}, dims={dims}, num_classes={classes}{kind}); "
-        f"timm.models.load_checkpoint(model, {str(out)!r})"
+        f"model = timm.models.convnext.ConvNeXt(num_classes={classes}, "
+        + ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+        + f"); timm.models.load_checkpoint(model, {str(out)!r})"
     )
 
 

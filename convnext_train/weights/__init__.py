@@ -34,6 +34,7 @@ from convnext_train.weights.export import (
     export_safetensors,
     export_timm,
     export_torchvision,
+    timm_class_arguments,
     timm_model,
 )
 from convnext_train.weights.files import read_checkpoint, save_checkpoint
@@ -72,6 +73,7 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
     "state_dict_from_checkpoint",
+    "timm_class_arguments",
     "timm_model",
     "timm_to_official",
     "to_official",

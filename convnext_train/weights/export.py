@@ -12,7 +12,6 @@ files and reads each back with its library (convnext_train/export.py).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import timm
@@ -24,13 +23,22 @@ from convnext_train.weights.files import save_checkpoint
 from convnext_train.weights.layouts import (
     _reject_isotropic,
     architecture,
+    has_layer_scale,
     is_v2,
     official_to_hf,
     official_to_timm,
     official_to_torchvision,
 )
 
-__all__ = ["export_hf", "export_official", "export_safetensors", "export_timm", "export_torchvision", "timm_model"]
+__all__ = [
+    "export_hf",
+    "export_official",
+    "export_safetensors",
+    "export_timm",
+    "export_torchvision",
+    "timm_class_arguments",
+    "timm_model",
+]
 
 
 def export_official(model: nn.Module, path: str | os.PathLike) -> None:
@@ -58,17 +66,21 @@ def timm_model(state_dict, timm_name: str | None, device: str = "meta") -> tuple
             converted = official_to_timm(state_dict, named)
             if {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in named.state_dict().items()}:
                 return named, timm_name
-        depths, dims = architecture(state_dict)
-        has_layer_scale = any(re.fullmatch(r"stages\.\d+\.\d+\.gamma", name) for name in state_dict)
         model = timm.models.convnext.ConvNeXt(
-            depths=depths,
-            dims=dims,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            use_grn=is_v2(state_dict),
-            ls_init_value=1e-6 if has_layer_scale else None,
+            num_classes=num_classes, in_chans=in_chans, **timm_class_arguments(state_dict)
         )
         return model, None
+
+
+def timm_class_arguments(state_dict) -> dict:
+    """The size and block arguments of timm's ConvNeXt class for these official-layout weights."""
+    depths, dims = architecture(state_dict)
+    return {
+        "depths": depths,
+        "dims": dims,
+        "use_grn": is_v2(state_dict),
+        "ls_init_value": 1e-6 if has_layer_scale(state_dict) else None,
+    }
 
 
 def export_timm(model: nn.Module, path: str | os.PathLike, timm_name: str | None) -> None:
@@ -110,10 +122,9 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, class_names: list[st
         config = ConvNextV2Config(architectures=["ConvNextV2ForImageClassification"], **settings)
     else:
         # The value only decides whether layer scale exists; the exported weights replace it.
-        has_layer_scale = any(re.fullmatch(r"stages\.\d+\.\d+\.gamma", name) for name in state_dict)
         config = ConvNextConfig(
             architectures=["ConvNextForImageClassification"],
-            layer_scale_init_value=1e-6 if has_layer_scale else 0.0,
+            layer_scale_init_value=1e-6 if has_layer_scale(state_dict) else 0.0,
             **settings,
         )
     out_dir = Path(out_dir)

@@ -204,6 +204,15 @@ def is_v2(state_dict: Mapping[str, Tensor]) -> bool:
     return any(name.endswith(".grn.gamma") for name in state_dict)
 
 
+def has_layer_scale(state_dict: Mapping[str, Tensor]) -> bool:
+    """Whether the blocks scale their branch (V1's `gamma`; a V1 built with layer_scale_init_value=0
+    and every V2 have none)."""
+    return any(_LAYER_SCALE.fullmatch(name) for name in state_dict)
+
+
+_LAYER_SCALE = re.compile(r"stages\.\d+\.\d+\.gamma")
+
+
 # --------------------------------------------------------------------------------------------------
 # torchvision (`torchvision.models.convnext_tiny/small/base/large`)
 # --------------------------------------------------------------------------------------------------
