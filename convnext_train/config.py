@@ -18,6 +18,7 @@ from convnext_train.parallelize import STRATEGIES
 from convnext_train.problems import Problems
 from convnext_train.problems import number as _number
 from convnext_train.problems import positive_int as _positive_int
+from convnext_train.runtime import resolve_device
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -37,6 +38,14 @@ def validate_train_config(cfg: DictConfig, world_size: int = 1) -> None:
     require(t.precision in PRECISIONS, "trainer.precision", f"must be one of {', '.join(PRECISIONS)}")
     require(t.device in DEVICES, "trainer.device", f"must be one of {', '.join(DEVICES)}")
     require(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {', '.join(STRATEGIES)}")
+    require(isinstance(t.sync_bn, bool), "trainer.sync_bn", "must be true or false")
+    if t.sync_bn is True and world_size > 1 and t.device in DEVICES:
+        require(
+            resolve_device(t.device).type == "cuda",
+            "trainer.sync_bn",
+            "needs GPUs (torch's SyncBatchNorm runs on CUDA devices only); on the CPU keep sync_bn=false, "
+            "each process then normalises its own batch",
+        )
     # fp16 needs a grad scaler whose overflow check spans every rank's gradient shard (FSDP1 had
     # ShardedGradScaler); torch.amp.GradScaler would let each rank skip steps on its own shard alone.
     require(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -25,6 +26,17 @@ def config_file(group: str, name: str) -> Path:
 def load(group: str, name: str) -> DictConfig:
     """One option of a config group as its file says (no defaults list applied)."""
     return OmegaConf.load(config_file(group, name))
+
+
+def model(name: str) -> DictConfig:
+    """`conf/model/<name>.yaml` with its defaults list applied: a roadmap step
+    (`roadmap_r50/gelu`) is the step before it plus one change. `num_classes` stays as the file says.
+    Inside a Hydra app of ours (initialised on this config directory already, and refusing a second
+    initialisation) it composes with the app's."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(overrides=[f"+model={name}"]).model
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(overrides=[f"+model={name}"]).model
 
 
 def options(group: str) -> list[str]:

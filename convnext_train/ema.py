@@ -8,6 +8,11 @@ the model for a moment: one code path for one process, DDP and FSDP, and no seco
 For sharded checkpoints, `state_dict` names the same tensors like the model's state dict, as
 DTensors over this rank's shards under FSDP: `torch.distributed.checkpoint` then saves and loads
 them in place, resharding across world sizes like the model's own weights.
+
+Buffers are part of the EMA as in timm's `ModelEmaV3`: floating-point ones (BatchNorm's running
+mean and variance, in the roadmap's BatchNorm steps) are averaged like the weights, so the EMA model
+evaluates with statistics that followed its own training; integer ones (BatchNorm's batch counter)
+are copied, so that an EMA state dict loads strictly into the model.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ class WeightEma:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = [t.detach().clone() for t in _averaged(model)]
+        self.counters = [b.detach().clone() for _, b in _named_counters(model)]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         torch._foreach_lerp_(self.shadow, _averaged(model), 1.0 - self.decay)
+        for copy, (_, counter) in zip(self.counters, _named_counters(model), strict=True):
+            copy.copy_(counter)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The averaged tensors by the model's names; views of the EMA's own storage (loading into
@@ -45,6 +53,7 @@ class WeightEma:
                     stride=tensor.stride(),
                 )
             named[name] = shadow
+        named |= {name: copy for (name, _), copy in zip(_named_counters(model), self.counters, strict=True)}
         return named
 
     @contextmanager
@@ -64,9 +73,13 @@ class WeightEma:
 
 def _named_averaged(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The parameters and floating-point buffers, in a fixed order (integer buffers such as
-    BatchNorm's counter are not averaged; ConvNeXt has none)."""
+    BatchNorm's counter are copied instead: `_named_counters`)."""
     buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
     return [*model.named_parameters(), *buffers]
+
+
+def _named_counters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(name, b) for name, b in model.named_buffers() if not b.is_floating_point()]
 
 
 def _averaged(model: nn.Module) -> list[torch.Tensor]:

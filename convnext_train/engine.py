@@ -44,6 +44,7 @@ def optimizer_step(parts: TrainParts, batches: Iterator, window: LossWindow, ste
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
+    parts.sync_buffers()  # before the EMA averages them: BatchNorm's statistics, the same on every rank
     if parts.ema is not None:
         parts.ema.update(parts.model)
     return lr

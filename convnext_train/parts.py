@@ -30,6 +30,7 @@ class TrainParts:
     model: nn.Module  # the module itself (sharded in place under FSDP): optimizer, EMA, checkpoints
     forward: nn.Module  # what the step calls: the model, DDP-wrapped and compiled as asked
     no_sync: Callable[[], contextlib.AbstractContextManager]  # skip the gradient all-reduce
+    sync_buffers: Callable[[], None]  # BatchNorm's running statistics averaged over the processes
     ema: WeightEma | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -54,12 +55,19 @@ def build_parts(
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     parallel = parallelize(
-        model, processes, device, strategy=t.strategy, precision=t.precision, compile_model=t.compile
+        model,
+        processes,
+        device,
+        strategy=t.strategy,
+        precision=t.precision,
+        compile_model=t.compile,
+        sync_bn=t.sync_bn,
     )
     return TrainParts(
         model=model,
         forward=parallel.forward,
         no_sync=parallel.no_sync,
+        sync_buffers=parallel.sync_buffers,
         # After wrapping: DDP has broadcast rank 0's weights (FSDP: each rank's shard of the same
         # seeded weights), so the EMA starts from them.
         ema=WeightEma(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,

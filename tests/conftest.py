@@ -50,7 +50,16 @@ if _WORKERS > 1:
 # The modules with the most work go to the workers first (xdist's loadfile hands out modules in
 # collection order): a long module that starts last would run alone at the end while the other cores
 # idle. Ranked by their time in the whole suite (`--durations`, summed per module), longest first.
-_LONGEST_MODULES = ("test_distributed", "test_ffcv", "test_train", "test_models", "test_parallelize", "test_resume")
+_LONGEST_MODULES = (
+    "test_distributed",
+    "test_ffcv",
+    "test_roadmap_training",
+    "test_train",
+    "test_models",
+    "test_roadmap",
+    "test_parallelize",
+    "test_resume",
+)
 
 
 def pytest_collection_modifyitems(items):

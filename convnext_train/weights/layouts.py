@@ -2,9 +2,10 @@
 conversion between them and the official facebookresearch layout that our models use.
 
 One section per layout: timm, Hugging Face `transformers`, torchvision, ConvNeXt V2 FCMAE
-pre-training (read only); then `detect_format` and `to_official`, which dispatch on them. A new
+pre-training (read only), ResNet (torchvision's and timm's, read only: the roadmap's first step); then `detect_format` and `to_official`, which dispatch on them. A new
 layout is a new section with its `*_to_official`, one marker in `detect_format` and one entry in
-`to_official`'s table. `architecture` reads the depths and widths off official weights, for the
+`to_official`'s table (one module over 400 lines: the layouts share the renaming rules, and
+`detect_format` must weigh every layout's marker against the others). `architecture` reads the depths and widths off official weights, for the
 exports and for telling which model a checkpoint is for (`loading.Architecture`).
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "official_to_hf",
     "official_to_timm",
     "official_to_torchvision",
+    "resnet_to_official",
     "timm_to_official",
     "to_official",
     "torchvision_to_official",
@@ -42,9 +44,14 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # A rule pairs an official name template with the other layout's, e.g.
 # ("stages.{i}.{j}.dwconv.{p}", "stages.{i}.blocks.{j}.conv_dw.{p}"); {p} is `weight` or `bias`,
-# any other placeholder a number. Rules are tried in order; a name no rule matches is kept, so that
+# {n} any tensor of a norm (BatchNorm's running statistics and counter too), any other placeholder a
+# number. Rules are tried in order; a name no rule matches is kept, so that
 # load_weights reports it as an unexpected key.
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_PLACEHOLDER_PATTERNS = {
+    "p": r"(?P<{name}>weight|bias)",
+    "n": r"(?P<{name}>weight|bias|running_mean|running_var|num_batches_tracked)",
+}
 _Rules = list[tuple[re.Pattern[str], str]]
 
 
@@ -55,7 +62,7 @@ def _template_pattern(template: str) -> re.Pattern[str]:
         if index % 2 == 0:
             regex += re.escape(piece)
         else:
-            regex += rf"(?P<{piece}>weight|bias)" if piece == "p" else rf"(?P<{piece}>\d+)"
+            regex += _PLACEHOLDER_PATTERNS.get(piece, r"(?P<{name}>\d+)").format(name=piece)
     return re.compile(regex)
 
 
@@ -333,15 +340,53 @@ def fcmae_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
+# ResNet (torchvision's `resnet50` and timm's `resnet*`, the same names): the roadmap's first step
+# --------------------------------------------------------------------------------------------------
+# RoadmapNet (models/roadmap.py) names a ResNet's tensors by the role they keep along the roadmap: the
+# 3x3 conv is the `dwconv` it becomes, the 1x1 convs `pwconv1`/`pwconv2` with ConvNeXt's Linear
+# shape (out, in), their norms `norm1`, `norm`, `norm2`. ResNet numbers its stages layer1..layer4
+# (read as `res.{i}` from 0 here, by `_resnet_stage`).
+_RESNET_TO, _RESNET_FROM = _compile_rules(
+    [
+        ("downsample_layers.0.0.weight", "conv1.weight"),
+        ("downsample_layers.0.1.{n}", "bn1.{n}"),
+        ("stages.{i}.{j}.pwconv1.weight", "res.{i}.{j}.conv1.weight"),
+        ("stages.{i}.{j}.norm1.{n}", "res.{i}.{j}.bn1.{n}"),
+        ("stages.{i}.{j}.dwconv.weight", "res.{i}.{j}.conv2.weight"),
+        ("stages.{i}.{j}.norm.{n}", "res.{i}.{j}.bn2.{n}"),
+        ("stages.{i}.{j}.pwconv2.weight", "res.{i}.{j}.conv3.weight"),
+        ("stages.{i}.{j}.norm2.{n}", "res.{i}.{j}.bn3.{n}"),
+        ("stages.{i}.{j}.shortcut.{m}.{n}", "res.{i}.{j}.downsample.{m}.{n}"),
+        ("head.{p}", "fc.{p}"),
+    ]
+)
+_RESNET_STAGE = re.compile(r"^layer(\d+)\.")
+
+
+def _resnet_stage(name: str) -> str:
+    return _RESNET_STAGE.sub(lambda m: f"res.{int(m[1]) - 1}.", name, count=1)
+
+
+def resnet_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision / timm ResNet names and shapes -> RoadmapNet's (its 1x1 convs hold (out, in) matrices)."""
+    converted = {}
+    for name, tensor in state_dict.items():
+        ours = _rename(_resnet_stage(name), _RESNET_FROM)
+        converted[ours] = tensor.flatten(1) if ours.endswith((".pwconv1.weight", ".pwconv2.weight")) else tensor
+    return converted
+
+
+# --------------------------------------------------------------------------------------------------
 # Which layout a state dict is in
 # --------------------------------------------------------------------------------------------------
 _HF_MARKER = re.compile(r"(convnext(v2)?\.)?(embeddings|encoder)\.")
 _TIMM_MARKER = re.compile(r"stem\.\d+\.|stages\.\d+\.(blocks|downsample)\.|head\.(fc|norm)\.")
 _TORCHVISION_MARKER = re.compile(r"features\.\d+\.")
+_RESNET_MARKER = re.compile(r"layer\d+\.\d+\.conv1\.weight")
 
 
 def detect_format(state_dict: Mapping[str, Tensor]) -> str:
-    """The layout of a state dict's names: "hf", "timm", "torchvision", "fcmae" or "official".
+    """The layout of a state dict's names: "hf", "timm", "torchvision", "fcmae", "resnet" or "official".
 
     Anything not recognisably timm or Hugging Face counts as official: loading it then reports exactly
     which names differ, which says more than refusing to guess.
@@ -355,6 +400,8 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
         return "timm"
     if any(_TORCHVISION_MARKER.match(name) for name in state_dict):
         return "torchvision"
+    if any(_RESNET_MARKER.fullmatch(name) for name in state_dict):
+        return "resnet"
     return "official"
 
 
@@ -365,6 +412,7 @@ def to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "timm": timm_to_official,
         "torchvision": torchvision_to_official,
         "fcmae": fcmae_to_official,
+        "resnet": resnet_to_official,
         "official": dict,
     }
     return converters[detect_format(state_dict)](state_dict)
