@@ -276,7 +276,7 @@ def table_rows(
             continue
         cfg = configs.model(regime.model_name(step))
         with torch.device("meta"):
-            model = instantiate(cfg).eval()  # the count is the same; train mode's BatchNorm refuses a 1x1 map
+            model = instantiate(cfg)
         rows.append(
             Row(
                 step,

@@ -122,7 +122,8 @@ WORKER = textwrap.dedent(
 @pytest.mark.parametrize(
     "strategy, compiled",
     [
-        ("ddp", "eager"),
+        # Each is a torchrun start (~35 s on two loaded cores): the fast set leaves them to the suite.
+        pytest.param("ddp", "eager", marks=pytest.mark.slow),
         pytest.param("fsdp", "eager", marks=pytest.mark.slow),
         pytest.param("fsdp", "compiled", marks=pytest.mark.slow),
     ],

@@ -15,10 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import torchvision
 from conftest import REPO, make_imagefolder, run_script, run_scripts
 from test_resume import kill_once_saved
-from test_roadmap import build_step
+from test_roadmap import build_step, randomize_batch_norms_
 from test_train import assert_same_tensors, load, read_jsonl, relative_difference, tiny_run
+from torchvision.datasets import ImageFolder
+
+from convnext_train.data.transforms import eval_transform
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +33,7 @@ pytestmark = pytest.mark.slow
 # A tiny step (one or two blocks a stage, widths 8-16) at 32 px on 66 images: 4 steps of 16 an epoch,
 # 2 epochs, every step saved; killed when step 6 (mid-epoch 2) is on disk.
 ROADMAP_RUN = [
-    *(arg for arg in tiny_run(Path("."), Path("."))[:-2] if not arg.startswith("model")),
+    *(arg for arg in tiny_run(Path("."), Path("."))[:-2] if not arg.startswith(("model", "data.num_classes"))),
     "experiment=roadmap",
     "model.depths=[1,2,1,1]",
     "model.widths=[8,8,16,16]",
@@ -108,9 +112,12 @@ def batch_norm_ddp(data, runs) -> Path:
 
 @pytest.fixture(scope="module")
 def layer_norm_run(data, runs) -> Path:
-    run_dir = runs / "layer_norm"
-    result = run_script("train.py", *roadmap_args(data, run_dir, "layer_norm"))
+    """Trained as the README's sweep trains every step: `--multirun experiment=roadmap`, here with one
+    step named, into the sweep's directory (the run's own: ${hydra.job.override_dirname} below it)."""
+    args = [arg for arg in roadmap_args(data, runs, "layer_norm") if not arg.startswith("hydra.run.dir=")]
+    result = run_script("train.py", "--multirun", *args, f"hydra.sweep.dir={runs}")
     assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [path.parent for path in runs.rglob("summary.json") if "roadmap_r50/layer_norm" in str(path)]
     return run_dir
 
 
@@ -226,3 +233,39 @@ def test_the_roadmap_table_and_figure_come_from_the_real_run_directories(
         assert rows[step].rstrip().endswith(f"{best:.2f}"), rows[step]
     assert rows["gelu"].rstrip().endswith("–")  # no run of it
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_torchvision_resnet_file_scores_through_eval_py_as_torchvision_scores_it(data, tmp_path):
+    """The README's `eval.py model=roadmap_r50/resnet50 checkpoint=resnet50-0676ba61.pth`, on a one-block
+    ResNet of torchvision's own (the released file is not downloaded here)."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=3)
+    randomize_batch_norms_(reference)
+    with torch.no_grad():
+        reference.fc.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))  # predictions that differ
+    path = tmp_path / "resnet.pth"
+    torch.save(reference.state_dict(), path)
+    out = tmp_path / "eval"
+    result = run_script(
+        "eval.py",
+        f"checkpoint={path}",
+        "model=roadmap_r50/resnet50",
+        "model.depths=[1,1,1,1]",
+        f"data.root={data}",
+        "data.img_size=32",
+        "data.num_classes=3",
+        "eval.device=cpu",
+        f"hydra.run.dir={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((out / "eval.json").read_text())
+    images = ImageFolder(data / "val", transform=eval_transform(32, 0.875))
+    batch = torch.stack([image for image, _ in images])
+    labels = torch.tensor([label for _, label in images])
+    with torch.no_grad():
+        logits = reference(batch)
+    predicted = logits.argmax(1)
+    assert len(set(predicted.tolist())) > 1  # a constant prediction would score alike whatever was loaded
+    assert scores["top1"] == pytest.approx(100 * float((predicted == labels).float().mean()))
+    per_class = {f"class {c}": 100 * float((predicted[labels == c] == c).float().mean()) for c in range(3)}
+    assert {name: row["top1"] for name, row in scores["per_class"].items()} == pytest.approx(per_class)

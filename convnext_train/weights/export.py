@@ -21,13 +21,13 @@ from torch import nn
 from convnext_train.weights.errors import CheckpointError
 from convnext_train.weights.files import save_checkpoint
 from convnext_train.weights.layouts import (
-    _reject_isotropic,
     architecture,
     has_layer_scale,
     is_v2,
     official_to_hf,
     official_to_timm,
     official_to_torchvision,
+    reject_other_networks,
 )
 
 __all__ = [
@@ -57,7 +57,7 @@ def timm_model(state_dict, timm_name: str | None, device: str = "meta") -> tuple
     when timm has a name for the variant and its tensors are these (its shapes are the ones users load
     into), else timm's ConvNeXt class built to the same depths, dims and layer scale (and no name).
     On the meta device unless `device` says otherwise."""
-    _reject_isotropic(state_dict, "timm")
+    reject_other_networks(state_dict, "timm")
     num_classes = state_dict["head.weight"].shape[0]
     in_chans = state_dict["downsample_layers.0.0.weight"].shape[1]
     with torch.device(device):
@@ -98,7 +98,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, class_names: list[st
     `class_names` become config.json's id2label (and so the pipeline's labels).
     """
     state_dict = model.state_dict()
-    _reject_isotropic(state_dict, "Hugging Face")
+    reject_other_networks(state_dict, "Hugging Face")
     try:
         from transformers import ConvNextConfig, ConvNextV2Config
     except ImportError:

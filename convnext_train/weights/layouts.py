@@ -32,6 +32,7 @@ __all__ = [
     "official_to_hf",
     "official_to_timm",
     "official_to_torchvision",
+    "reject_other_networks",
     "resnet_to_official",
     "timm_to_official",
     "to_official",
@@ -85,12 +86,21 @@ def is_isotropic(state_dict: Mapping[str, Tensor]) -> bool:
     return "stem.weight" in state_dict or any(name.startswith("blocks.") for name in state_dict)
 
 
-def _reject_isotropic(state_dict: Mapping[str, Tensor], target: str) -> None:
+def reject_other_networks(state_dict: Mapping[str, Tensor], target: str) -> None:
+    """Only the hierarchical ConvNeXt (V1 or V2) has a `target` equivalent: not the isotropic one, and
+    not the roadmap's steps before its last (a ResNet on its way to ConvNeXt)."""
     if is_isotropic(state_dict):
         raise CheckpointError(
             f"This is an isotropic ConvNeXt checkpoint, which has no {target} equivalent; keep it in the "
             "official format."
         )
+    try:
+        architecture(state_dict)
+    except KeyError:
+        raise CheckpointError(
+            f"This is not a hierarchical ConvNeXt (a step of the paper's roadmap before its last?), which has no "
+            f"{target} equivalent; keep it in the official format (or safetensors, or ONNX)."
+        ) from None
 
 
 def architecture(state_dict: Mapping[str, Tensor]) -> tuple[list[int], list[int]] | None:
@@ -151,7 +161,7 @@ def official_to_timm(state_dict: Mapping[str, Tensor], model: nn.Module | None =
     Pass the timm `model` when it uses `conv_mlp=True`: its MLP weights are then reshaped to its 1x1
     convolution shapes (a state dict alone does not say which of the two forms the target uses).
     """
-    _reject_isotropic(state_dict, "timm")
+    reject_other_networks(state_dict, "timm")
     target_shapes = {} if model is None else {name: tensor.shape for name, tensor in model.state_dict().items()}
     converted = {}
     for name, tensor in state_dict.items():
@@ -198,7 +208,7 @@ def hf_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def official_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Official names -> those of `ConvNextForImageClassification`, or of the V2 class when the
     weights have GRN."""
-    _reject_isotropic(state_dict, "Hugging Face")
+    reject_other_networks(state_dict, "Hugging Face")
     prefix = "convnextv2." if is_v2(state_dict) else "convnext."
     converted = {}
     for name, tensor in state_dict.items():
@@ -276,7 +286,7 @@ def official_to_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     torchvision only builds ConvNeXt V1 in sizes T, S, B and L; anything else is refused. A model
     without layer scale (layer_scale_init_value=0) gets a scale of ones, which computes the same.
     """
-    _reject_isotropic(state_dict, "torchvision")
+    reject_other_networks(state_dict, "torchvision")
     if is_v2(state_dict):
         raise CheckpointError(
             "torchvision has no ConvNeXt V2; export this model with export_hf, or keep it in the official format."
