@@ -11,7 +11,9 @@
   scheduled lr, EMA), on the parts `parts.build_parts` builds for training, with `data=synthetic` and one batch
   already on the device. `vs=timm` runs timm's build of the same variant through that same step;
   `vs=bare` runs the same model in a bare loop (forward, cross-entropy, backward, plain AdamW step),
-  which prices the framework around the model.
+  which prices the framework around the model. With `experiment=fcmae`, `vs=classification` runs the
+  FCMAE encoder as a classifier through the same step (same batch, resolution and recipe): what the
+  masked autoencoder costs over supervised training.
 - `eval`: inference as the paper's Table 12 measured it: eval mode, no grad, channels-last by
   default, autocast per `trainer.precision`, a `trainer.micro_batch_size` batch on the device.
   `vs=timm` as above; `vs=onnxruntime` runs the same model as `python -m convnext_train.export
@@ -22,7 +24,7 @@
   training step does before its forward pass.
 
 Arguments are train.py's overrides, plus the bench's own options (train.py's config has no such keys):
-    vs=timm|bare|onnxruntime   a second contender, measured in rounds alternating with ours
+    vs=timm|bare|classification|onnxruntime   a second contender, measured in rounds alternating with ours
     warmup=N       untimed steps per contender before timing (compilation, allocator, autotuning)
     steps=N        timed steps per round
     rounds=N       timed rounds per contender; the median round is reported
@@ -32,7 +34,7 @@ optimizer step, so the optimizer and EMA are paid on every batch) unless it is g
 logged: `logger=none` is forced.
 
 The timing loop and the memory, MFU and device helpers are convnext_train/measure.py's, which the GPU
-suite shares. One module of about 400 lines because it is one command: the three benchmarks share
+suite shares. One module of about 460 lines because it is one command: the three benchmarks share
 its argument parsing, the config, the resident batch, the contenders and the report.
 
 Output: a table, then one JSON line per contender with images_per_sec, step_ms, mfu (null without
@@ -81,14 +83,15 @@ from convnext_train.models import TIMM_NAMES, build_model
 from convnext_train.models.complexity import count_gmacs
 from convnext_train.parts import TrainParts, build_parts
 from convnext_train.runtime import autocast, prepare_device, resolve_device
+from convnext_train.tasks import build_task
 
 MODES = ("step", "eval", "loader")
-RIVALS = {"step": ("timm", "bare"), "eval": ("timm", "onnxruntime"), "loader": ()}
+RIVALS = {"step": ("timm", "bare", "classification"), "eval": ("timm", "onnxruntime"), "loader": ()}
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchOptions(Rounds):
-    vs: str | None = None  # a second contender: timm, bare (step), timm, onnxruntime (eval)
+    vs: str | None = None  # a second contender: timm, bare, classification (step), timm, onnxruntime (eval)
     tf32: bool = False
 
 
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m convnext_train.bench",
         description="Throughput of the training step, of inference, or of the data loader.",
-        epilog="bench keys: vs=timm|bare|onnxruntime warmup=N steps=N rounds=N tf32=true|false; any other key=value is a train.py override",
+        epilog="bench keys: vs=timm|bare|classification|onnxruntime warmup=N steps=N rounds=N tf32=true|false; any other key=value is a train.py override",
     )
     parser.add_argument("mode", choices=MODES)
     parser.add_argument("arguments", nargs="*", help="train.py overrides and bench options (key=value)")
@@ -112,6 +115,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if options.tf32:
         torch.set_float32_matmul_precision("high")
     cfg, variant = compose_config(args.mode, overrides)
+    pretraining = args.mode != "loader" and cfg.task == "fcmae"
+    if pretraining and options.vs in ("timm", "bare") or args.mode == "eval" and pretraining:
+        raise UserError(
+            f"experiment=fcmae: `{args.mode}` vs={options.vs} has no FCMAE counterpart; bench step vs=classification"
+        )
+    if options.vs == "classification" and not pretraining:
+        raise UserError(
+            "vs=classification compares FCMAE's step with its encoder's classification step: add experiment=fcmae"
+        )
     if options.vs == "timm" and variant not in TIMM_NAMES:
         raise UserError(f"vs=timm: timm has no counterpart of model={variant} (it has {', '.join(TIMM_NAMES)})")
     benchmark = {"step": bench_step, "eval": bench_eval, "loader": bench_loader}[args.mode]
@@ -174,7 +186,16 @@ def bench_step(cfg: DictConfig, variant: str, options: BenchOptions) -> list[Mea
         return build_parts(cfg, model, Processes(), device, steps_per_epoch=steps_per_epoch)  # one process
 
     factories = {"ours": lambda: trainer_step(trainer_parts(build_model(cfg.model)), batch)}
-    if options.vs == "timm":
+    if options.vs == "classification":  # the FCMAE encoder as a classifier: same batch, resolution, recipe
+        classifying = classification_config(cfg)
+        labelled = resident_batch(classifying, device)
+
+        def classifier_parts() -> TrainParts:
+            model = build_model(classifying.model)
+            return build_parts(classifying, model, Processes(), device, steps_per_epoch=steps_per_epoch)
+
+        factories["classification"] = lambda: trainer_step(classifier_parts(), labelled)
+    elif options.vs == "timm":
         factories["timm"] = lambda: trainer_step(trainer_parts(timm_model(cfg, variant)), batch)
     elif options.vs == "bare":
         factories["bare"] = lambda: bare_step(cfg, device, batch)
@@ -207,11 +228,34 @@ def bench_loader(cfg: DictConfig, variant: str, options: BenchOptions) -> list[M
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def classification_config(cfg: DictConfig) -> DictConfig:
+    """An FCMAE config's encoder as a ConvNeXt V2 classifier (1000 classes, plain cross-entropy: the
+    FCMAE recipe has no Mixup, CutMix or smoothing), everything else as it is."""
+    m = cfg.model
+    classifying = OmegaConf.merge(cfg, {"task": "classification", "data": {"num_classes": 1000}})
+    classifying.model = OmegaConf.create(
+        {
+            "_target_": "convnext_train.models.ConvNeXtV2",
+            "depths": m.depths,
+            "dims": m.dims,
+            "in_chans": m.in_chans,
+            "drop_path_rate": m.drop_path_rate,
+            "num_classes": 1000,
+        }
+    )
+    return classifying
+
+
 def resident_batch(cfg: DictConfig, device: torch.device) -> Batch:
     """One micro-batch of `data=synthetic` training items, collated by our loader and moved to the
     device once, in the layout the model takes (so the step's `.to()` is free). `replaced` stays on
-    the CPU, where the step reads it."""
-    cpu = LoaderArgs(seed=cfg.trainer.seed, batch_size=cfg.trainer.micro_batch_size, device=torch.device("cpu"))
+    the CPU, where the step reads it. Targets are the task's: labels, or FCMAE's masks."""
+    cpu = LoaderArgs(
+        seed=cfg.trainer.seed,
+        batch_size=cfg.trainer.micro_batch_size,
+        device=torch.device("cpu"),
+        sample_target=build_task(cfg).sample_target,
+    )
     images, targets, replaced = next(iter(build_loaders(cfg.data, cfg.aug, cpu).train))
     return images.to(device, memory_format=memory_format_of(cfg)), targets.to(device), replaced
 

@@ -5,7 +5,10 @@ runtime reads, and read back by that library before it is put in place.
 
 `format=` is one of `FORMATS`: `official` (the facebookresearch release's `{"model": ...}` file),
 `timm`, `hf` (a save_pretrained directory), `torchvision` (V1 T/S/B/L), `safetensors` (the official
-names), `onnx` (for deployment: see convnext_train/deploy.py). The model comes from the checkpoint as
+names), `onnx` (for deployment: see convnext_train/deploy.py). An FCMAE pre-training checkpoint
+(experiment=fcmae, no classifier yet) goes to `format=fcmae`: the official `convnextv2_*_fcmae.pt`
+layout (MinkowskiEngine's sparse shapes, decoder included), which the official main_finetune.py and
+main_pretrain.py read; the bytes written are read back and must give every tensor bit for bit. The model comes from the checkpoint as
 in eval.py and predict.py (`model=` only when it cannot say; `use_ema=`, `trust_checkpoint=`).
 
 What is written goes to a temporary name beside `out`, is read back by the library it is for (timm,
@@ -13,6 +16,9 @@ transformers, torchvision, ONNX Runtime; the project's own loader for official a
 building the model from the file alone) and its logits compared with ours on a fixed batch; only
 then is it renamed to `out`. A difference over the tolerance is one line and exit code 2, and
 nothing is left behind.
+
+One module of about 430 lines because it is one command: the formats' table, the staging and
+read-back, and the checks of its arguments share the `Exported` model and are used nowhere else.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from convnext_train.inference import CheckpointModel, load_command_model
 from convnext_train.models import TIMM_NAMES, build_model
 from convnext_train.weights import (
     CheckpointError,
+    export_fcmae,
     export_hf,
     export_official,
     export_safetensors,
@@ -52,8 +59,13 @@ from convnext_train.weights import (
     timm_class_arguments,
     timm_model,
 )
-from convnext_train.weights.layouts import TORCHVISION_SIZES, architecture
-from convnext_train.weights.loading import Architecture
+from convnext_train.weights.files import read_checkpoint
+from convnext_train.weights.layouts import (
+    TORCHVISION_SIZES,
+    architecture,
+    detect_format,
+)
+from convnext_train.weights.loading import Architecture, state_dict_from_checkpoint
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # largest logit difference, relative to the largest logit (>= 1)
 
@@ -234,8 +246,32 @@ FORMATS: dict[str, Format] = {
 }
 
 
+PRETRAINING_FORMAT = "fcmae"  # not a classifier's format: the whole autoencoder, for the official code
+
+
+def export_pretraining(cfg: DictConfig) -> Path:
+    """An FCMAE checkpoint of ours -> the official release's layout (weights/export.py's export_fcmae)."""
+    checkpoint = read_checkpoint(cfg.checkpoint, trusted=cfg.trust_checkpoint)
+    ours = state_dict_from_checkpoint(checkpoint, use_ema=cfg.use_ema)
+    if detect_format(ours) != "fcmae":
+        raise UserError(
+            f"format=fcmae takes an FCMAE pre-training checkpoint (train.py experiment=fcmae); {cfg.checkpoint} "
+            f"is a classifier's: choose one of format={', '.join(FORMATS)}"
+        )
+    out = Path(cfg.out).expanduser().resolve()
+    try:
+        export_fcmae(ours, out)
+    except OSError as error:
+        raise UserError(f"cannot write out={out}: {error.strerror or error}; nothing was written") from error
+    print(f"wrote {out} (format=fcmae: the official ConvNeXt-V2 release layout); read back bit for bit")
+    print(f"load it with: the official main_finetune.py --finetune {out}; here finetune.checkpoint={out}")
+    return out
+
+
 def run(cfg: DictConfig) -> Path:
     _check(cfg)
+    if cfg.format == PRETRAINING_FORMAT:
+        return export_pretraining(cfg)
     loaded = load_command_model(cfg)
     fmt = FORMATS[cfg.format]
     weights = loaded.model.state_dict()
@@ -339,19 +375,22 @@ def _check(cfg: DictConfig) -> None:
             problems.append(f"set {key}=")
     if problems:
         raise UserError("invalid export config: " + "; ".join(problems) + f" (format= one of {', '.join(FORMATS)})")
-    if cfg.format not in FORMATS:
-        raise UserError(f"format={cfg.format} is not a format we write: choose one of {', '.join(FORMATS)}")
-    fmt, out = FORMATS[cfg.format], Path(cfg.out).expanduser().resolve()
-    if fmt.suffixes and out.suffix not in fmt.suffixes:
-        problems.append(f"out={cfg.out}: format={cfg.format} writes a {' or '.join(fmt.suffixes)} file")
+    if cfg.format not in (*FORMATS, PRETRAINING_FORMAT):
+        raise UserError(
+            f"format={cfg.format} is not a format we write: choose one of {', '.join((*FORMATS, PRETRAINING_FORMAT))}"
+        )
+    out = Path(cfg.out).expanduser().resolve()
+    suffixes = FORMATS[cfg.format].suffixes if cfg.format in FORMATS else (".pt", ".pth")
+    if suffixes and out.suffix not in suffixes:
+        problems.append(f"out={cfg.out}: format={cfg.format} writes a {' or '.join(suffixes)} file")
     if not isinstance(cfg.overwrite, bool):
         problems.append(f"overwrite={cfg.overwrite}: must be true or false")
     elif out.exists() and not cfg.overwrite:
         problems.append(f"out={cfg.out} exists: choose another out=, or add overwrite=true")
-    elif out.exists() and out.is_dir() != (not fmt.suffixes):
+    elif out.exists() and out.is_dir() != (not suffixes):
         problems.append(
             f"out={cfg.out} is a {'directory' if out.is_dir() else 'file'}: format={cfg.format} writes a "
-            f"{'file' if fmt.suffixes else 'directory'} there; choose another out="
+            f"{'file' if suffixes else 'directory'} there; choose another out="
         )
     elif out.is_dir() and not _an_earlier_export(out, Path(cfg.checkpoint).expanduser().resolve()):
         problems.append(

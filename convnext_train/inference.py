@@ -90,7 +90,7 @@ def load_checkpoint_model(
     if "head.weight" not in weights:
         raise CheckpointError(
             f"{path} has no classifier head (head.weight): it is a pre-training checkpoint; fine-tune it first "
-            "(train.py finetune.checkpoint=...)."
+            "(train.py finetune.checkpoint=...), or export an FCMAE one to the official layout with format=fcmae."
         )
     head_classes = weights["head.weight"].shape[0]
     if num_classes is not None and num_classes != head_classes:

@@ -89,6 +89,13 @@ class RunLogger:
             values = {key: value for key, value in plain_row.items() if key != "step"}
             self._wandb_run.log(values, step=plain_row["step"])
 
+    def log_image(self, path: Path, step: int) -> None:
+        """Send a figure the run wrote (`reconstructions.png`) to W&B under its file name's stem."""
+        if self._enabled and self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({path.stem: wandb.Image(str(path))}, step=step)
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write `summary.json` (replacing any earlier one) and the W&B run summary."""
         if not self._enabled:

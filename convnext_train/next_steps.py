@@ -32,7 +32,11 @@ def closing_summary(summary: dict[str, Any], cfg: DictConfig, run_dir: Path, che
         lines.append(f"top-1: best {summary['best_top1']:.2f}%, final {summary['top1']:.2f}%")
     if summary.get("best_top1_ema") is not None:
         lines.append(f"EMA top-1: best {summary['best_top1_ema']:.2f}%, final {summary['top1_ema']:.2f}%")
+    if summary.get("best_val_loss") is not None:  # FCMAE pre-training (task=fcmae)
+        lines.append(f"reconstruction loss: best {summary['best_val_loss']:.4f}, final {summary['val_loss']:.4f}")
     lines.append(f"run directory: {run_dir}")
+    if cfg.task == "fcmae":
+        return "\n".join([*lines, "next:", *_fine_tuning_lines(cfg, checkpoints, run_dir)])
     name = "best" if summary.get("best_top1") is not None else "last"
     # A full file (`best.pt`) or, sharded, a link to a directory (`best`): eval.py and predict.py read both.
     checkpoint = next((path for path in (checkpoints / f"{name}.pt", checkpoints / name) if path.exists()), None)
@@ -44,6 +48,21 @@ def closing_summary(summary: dict[str, Any], cfg: DictConfig, run_dir: Path, che
         predict = _command("python predict.py", checkpoint=checkpoint)
         lines.append(f"  {predict} images=/path/to/new/images  # a folder or a glob")
     return "\n".join(lines)
+
+
+def _fine_tuning_lines(cfg: DictConfig, checkpoints: Path, run_dir: Path) -> list[str]:
+    """After FCMAE pre-training: fine-tune the encoder (the official recipe where it has a row for the
+    model, else the own-dataset one), and the reconstructions to look at."""
+    model = HydraConfig.get().runtime.choices.get("model")
+    checkpoint = next(
+        (p for p in (checkpoints / "last.pt", checkpoints / "last") if p.exists()), checkpoints / "last.pt"
+    )
+    experiment = "v2_ft_in1k" if model in configs.load("experiment", "v2_ft_in1k").v2_ft_in1k else "finetune"
+    command = _command("python train.py", model=model, experiment=experiment, **{"finetune.checkpoint": checkpoint})
+    return [
+        f"  {command} data.root=/path/to/labelled/images  # fine-tune the encoder (decoder dropped)",
+        f"  open {shlex.quote(str(run_dir / 'reconstructions.png'))}  # validation images: original, masked, predicted, pasted",
+    ]
 
 
 def _eval_overrides(cfg: DictConfig) -> dict[str, Any]:
@@ -83,7 +102,13 @@ def warn_if_small_from_scratch(cfg: DictConfig, train_images: int) -> None:
     """A ConvNeXt trained from random weights on a few thousand images of one's own seldom reaches what
     a fine-tuned pre-trained one does: say so once, without stopping. (The bundled demo is such a run on
     purpose, and synthetic data only measures speed.)"""
-    if cfg.finetune.checkpoint or not source(cfg.data.kind).real_images or train_images >= SMALL_DATASET_IMAGES:
+    pretraining = cfg.task != "classification"  # FCMAE: learning from one's own unlabeled images is the point
+    if (
+        pretraining
+        or cfg.finetune.checkpoint
+        or not source(cfg.data.kind).real_images
+        or train_images >= SMALL_DATASET_IMAGES
+    ):
         return
     print(
         f"note: the training set has {train_images:,} images and finetune.checkpoint is not set: a ConvNeXt "

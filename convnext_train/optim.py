@@ -92,12 +92,18 @@ def _stage_depths(model: ConvNeXt) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------------
 # Parameter groups and the optimizer
 # --------------------------------------------------------------------------------------------------
-def is_decayed(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: not to 1-D parameters, biases, layer scale or GRN."""
+def is_decayed(name: str, param: torch.Tensor, decay_grn: bool = False) -> bool:
+    """Whether weight decay applies: not to 1-D parameters, biases, layer scale or GRN (GRN too with
+    `decay_grn`: the FCMAE pre-training's rule, timm 0.3.2's `add_weight_decay`, which knows only the
+    1-D and bias rules, so its GRN parameters and the mask token are decayed)."""
+    if decay_grn:
+        return param.ndim > 1 and not name.endswith(".bias")
     return param.ndim > 1 and not name.endswith(NO_DECAY_SUFFIXES)
 
 
-def parameter_groups(model: nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, *, weight_decay: float, layer_decay: float, decay_grn: bool = False
+) -> list[dict[str, Any]]:
     """Optimizer groups, each `{"name", "params", "weight_decay", "lr_scale"}`.
 
     With `layer_decay == 1.0` there are two groups, "decay" and "no_decay", both at lr_scale 1.0, and
@@ -112,7 +118,7 @@ def parameter_groups(model: nn.Module, *, weight_decay: float, layer_decay: floa
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decayed = is_decayed(name, param)
+        decayed = is_decayed(name, param, decay_grn)
         layer = layer_id(name, model) if use_layer_decay else top
         if (layer, decayed) not in groups:
             kind = "decay" if decayed else "no_decay"
@@ -134,7 +140,9 @@ def build_optimizer(model: nn.Module, cfg: DictConfig, device_type: str) -> torc
     """
     if cfg.name != "adamw":
         raise UserError(f"optimizer.name={cfg.name!r} is not supported: the ConvNeXt recipe uses 'adamw'")
-    groups = parameter_groups(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    groups = parameter_groups(
+        model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay, decay_grn=cfg.get("decay_grn", False)
+    )
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,

@@ -115,7 +115,10 @@ def running_stats_averager(model: nn.Module) -> Callable[[], None]:
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """FSDP's units: each stage of a hierarchical ConvNeXt (ours or timm's), each block of an
-    isotropic one. A unit's weights are gathered just before it runs and freed after."""
+    isotropic one, the units a model names itself (FCMAE: encoder stages and decoder). A unit's
+    weights are gathered just before it runs and freed after."""
+    if hasattr(model, "shard_units"):
+        return model.shard_units()
     if hasattr(model, "stages"):
         return list(model.stages)
     if hasattr(model, "blocks"):

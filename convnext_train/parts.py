@@ -47,10 +47,17 @@ class TrainParts:
 
 
 def build_parts(
-    cfg: DictConfig, model: nn.Module, processes: Processes, device: torch.device, *, steps_per_epoch: int
+    cfg: DictConfig,
+    model: nn.Module,
+    processes: Processes,
+    device: torch.device,
+    *,
+    steps_per_epoch: int,
+    task: Task | None = None,
 ) -> TrainParts:
     """`model` (freshly built, on the CPU) made ready to train with `cfg`'s recipe: on its device,
-    wrapped by the strategy, with its EMA, optimizer, grad scaler, task and lr schedule."""
+    wrapped by the strategy, with its EMA, optimizer, grad scaler, task (`cfg.task`'s unless given)
+    and lr schedule."""
     t = cfg.trainer
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
@@ -73,7 +80,7 @@ def build_parts(
         ema=WeightEma(model, decay=cfg.ema.decay) if cfg.ema.enabled else None,
         optimizer=build_optimizer(model, cfg.optimizer, device.type),
         scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
-        task=build_task(cfg),
+        task=task or build_task(cfg),
         lr_at=partial(
             cosine_lr,
             base_lr=peak_lr(cfg),

@@ -45,6 +45,7 @@ from convnext_train.next_steps import closing_summary, warn_if_small_from_scratc
 from convnext_train.parallelize import is_sharded, reshard
 from convnext_train.parts import TrainParts, build_parts
 from convnext_train.runtime import prepare_device, reseed_per_rank, resolve_device, seed_everything
+from convnext_train.tasks import build_task
 from convnext_train.weights import load_pretrained
 
 
@@ -247,6 +248,8 @@ def evaluate_and_save(run: Run, epoch: int) -> None:
         run.logger.log({"step": state.step, "epoch": epoch + 1, **result})
         if run.processes.is_main:
             print(f"epoch {epoch + 1}: {task.describe(result)}", flush=True)
+            for figure in task.write_figures(run.run_dir):  # FCMAE's reconstructions.png
+                run.logger.log_image(figure, step=state.step)
 
         def better(score: float | None, than: float | None) -> bool:
             return score is not None and (than is None or (score > than if task.higher_is_better else score < than))
@@ -298,10 +301,11 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
     # The same seed everywhere for the weights (DDP also broadcasts rank 0's); `reseed_per_rank`
     # below gives each rank its own stream for drop path and Mixup before training starts.
     seed_everything(t.seed)
+    task = build_task(cfg)
 
     # Rank 0 first: it builds caches (the digits tree) and scans the tree while the others wait.
     with main_process_first(processes):
-        args = LoaderArgs(t.seed, t.micro_batch_size, device, processes.rank, processes.world_size)
+        args = LoaderArgs(t.seed, t.micro_batch_size, device, processes.rank, processes.world_size, task.sample_target)
         loaders = build_loaders(cfg.data, cfg.aug, args)
     steps_per_epoch = loaders.train_length // t.global_batch_size
     if steps_per_epoch == 0:
@@ -320,7 +324,7 @@ def build_run(cfg: DictConfig, run_dir: Path, processes: Processes, checkpointer
                 f"fine-tuning from {f.checkpoint}: the head is re-initialised for {cfg.data.num_classes} classes",
                 flush=True,
             )
-    parts = build_parts(cfg, model, processes, device, steps_per_epoch=steps_per_epoch)
+    parts = build_parts(cfg, model, processes, device, steps_per_epoch=steps_per_epoch, task=task)
     state = TrainState()
     reseed_per_rank(t.seed, processes)
     # Everything a resume restores, by the name it has in a checkpoint, in the order it is restored.

@@ -16,6 +16,7 @@ PACKAGE = REPO / "convnext_train"
 LONG_MODULES = {
     "convnext_train.bench",
     "convnext_train.data.rand_augment",
+    "convnext_train.export",
     "convnext_train.roadmap",
     "convnext_train.weights.layouts",
 }

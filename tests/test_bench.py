@@ -49,6 +49,11 @@ def bench_runs(tiny_imagefolder) -> dict[str, subprocess.CompletedProcess]:
         "step vs timm": ["step", *TINY_BENCH, "vs=timm"],
         "step vs bare": ["step", *TINY_BENCH, "vs=bare"],
         "step given global batch": ["step", *TINY_BENCH, "trainer.global_batch_size=8", "rounds=1"],
+        "fcmae vs classification": [
+            "step", *(a for a in TINY_BENCH if not a.startswith(("model=", "data.img_size="))), "experiment=fcmae",
+            "model=convnextv2_atto", "model.depths=[1,1,1,1]",
+            "model.dims=[8,8,16,16]", "model.decoder_embed_dim=16", "data.img_size=64", "vs=classification",
+        ],
         "eval vs timm": ["eval", *TINY_BENCH, "vs=timm"],
         "loader": [
             "loader", *TINY_BENCH, f"data.root={tiny_imagefolder}", "data.num_classes=4", "data.num_workers=0"
@@ -62,7 +67,7 @@ def json_rows(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def assert_row(row: dict, *, bench: str, impl: str, has_mfu: bool = True) -> None:
+def assert_row(row: dict, *, bench: str, impl: str, has_mfu: bool = True, img_size: int = 32) -> None:
     assert row["bench"] == bench and row["impl"] == impl
     assert isinstance(row["images_per_sec"], float) and row["images_per_sec"] > 0
     assert isinstance(row["step_ms"], float) and row["step_ms"] > 0
@@ -78,7 +83,7 @@ def assert_row(row: dict, *, bench: str, impl: str, has_mfu: bool = True) -> Non
     settings = row["settings"]
     assert settings["bench"]["warmup"] == 2 and settings["bench"]["steps"] == 2 and settings["bench"]["rounds"] == 2
     assert settings["config"]["trainer"]["micro_batch_size"] == 4
-    assert settings["config"]["data"]["img_size"] == 32
+    assert settings["config"]["data"]["img_size"] == img_size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,6 +102,18 @@ def test_step_against_a_rival(bench_runs, rival):
     assert ours["settings"]["config"]["trainer"]["global_batch_size"] == 4
     assert isinstance(theirs["ours_over_this"], float) and theirs["ours_over_this"] > 0
     assert re.search(rf"^ours / {rival} images/s: \d+\.\d+", result.stdout, re.MULTILINE)
+
+
+def test_fcmae_step_against_the_classification_step_of_its_encoder(bench_runs):
+    result = bench_runs["fcmae vs classification"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = json_rows(result.stdout)
+    assert_row(ours, bench="step", impl="ours", img_size=64)  # two patches a side
+    assert_row(theirs, bench="step", impl="classification", img_size=64)
+    assert ours["settings"]["config"]["model"]["_target_"] == "convnext_train.models.FCMAE"
+    assert ours["settings"]["config"]["task"] == "fcmae"
+    assert ours["model"] == theirs["model"] == "convnextv2_atto"
+    assert re.search(r"^ours / classification images/s: \d+\.\d+", result.stdout, re.MULTILINE)
 
 
 def test_step_keeps_a_given_global_batch(bench_runs):
@@ -180,6 +197,11 @@ def test_loader_on_ffcv_beton_files(tmp_path):
         (["step", "model=convnext_iso_s", "vs=timm"], "timm has no counterpart of model=convnext_iso_s"),
         (["loader"], "set data.root"),
         (["step", "trainer.foo=1"], "Could not override 'trainer.foo'"),
+        (["step", "vs=classification"], "vs=classification compares FCMAE's step"),
+        (
+            ["step", "experiment=fcmae", "model=convnextv2_atto", "vs=timm"],
+            "experiment=fcmae: `step` vs=timm has no FCMAE",
+        ),
     ],
 )
 def test_bad_arguments_are_user_errors(arguments, message, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import stat
 from pathlib import Path
@@ -494,7 +495,7 @@ def fcmae_checkpoint(model: torch.nn.Module) -> dict:
             kernel = value.transpose(2, 3).reshape(out_dim, in_dim, k * k)
             value = kernel[:, 0, :].T if ".dwconv." in name else kernel.permute(2, 1, 0)
             parts[-1] = "kernel"
-        elif not dense_stem and (".norm." in name or name.startswith("downsample_layers.")) and value.ndim == 1:
+        elif not dense_stem and (".norm." in name or re.match(r"downsample_layers\.\d\.0\.", name)):
             parts.insert(-1, "ln")
         elif ".pwconv" in name:
             parts.insert(-1, "linear")

@@ -9,6 +9,7 @@ uninterrupted one, whatever the number of worker processes:
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -85,8 +86,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return self.per_rank - self.start
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, *stream: int) -> int:
+    """Sample `index`'s seed in `epoch`; another `stream` gives an independent one (FCMAE's masks)."""
+    return int(np.random.SeedSequence([seed, epoch, index, *stream]).generate_state(1)[0])
 
 
 @contextmanager
@@ -111,13 +113,25 @@ class SeededSamples(Dataset):
     """`dataset[(epoch, index)]` -> (transform(image), target, replaced), every RNG seeded per sample.
 
     `images` returns (PIL image, target, replaced) items (`ImageFolderDataset` without a transform;
-    `replaced` flags an unreadable file served by its neighbour under data.skip_corrupt).
+    `replaced` flags an unreadable file served by its neighbour under data.skip_corrupt). With
+    `drawing(sample_target, seed)`, the target is `sample_target(s)` instead, s drawn from (seed,
+    epoch, index) on a stream of its own, so it is independent of the augmentation's draws.
     """
+
+    TARGET_STREAM = 1
 
     def __init__(self, images: Dataset, transform: Callable, seed: int):
         self.images = images
         self.transform = transform
         self.seed = seed
+        self.sample_target: Callable[[int], Any] | None = None
+        self.target_seed = seed
+
+    def drawing(self, sample_target: Callable[[int], Any] | None, seed: int) -> SeededSamples:
+        """A copy whose targets are drawn per sample by `sample_target` (None: the labels)."""
+        drawn = copy.copy(self)
+        drawn.sample_target, drawn.target_seed = sample_target, seed
+        return drawn
 
     def __len__(self) -> int:
         return len(self.images)
@@ -125,6 +139,8 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         image, target, replaced = self.images[index]
+        if self.sample_target is not None:
+            target = self.sample_target(sample_seed(self.target_seed, epoch, index, self.TARGET_STREAM))
         with seeded_rngs(sample_seed(self.seed, epoch, index)):
             return self.transform(image), target, replaced
 
@@ -140,6 +156,10 @@ def seeded_loaders(
         make_loader, batch_size=args.batch_size, num_workers=num_workers, pin_memory=pin_memory and args.pin_memory
     )
     shard = {"seed": args.seed, "rank": args.rank, "world_size": args.world_size}
+    # Drawn targets (FCMAE's masks): the validation split's from seed 0 whatever the run's, and its
+    # sampler stays at epoch 0, so every evaluation of every run sees the same ones.
+    train = train.drawing(args.sample_target, args.seed)
+    val = val.drawing(args.sample_target, 0) if val is not None else None
     train_sampler = EpochSampler(len(train), shuffle=True, drop_last=True, **shard)
     val_loader = None
     if val is not None:

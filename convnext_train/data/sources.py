@@ -32,6 +32,7 @@ ROBUSTNESS_SETS = ("imagenet_v2", "imagenet_real", "imagenet_a", "imagenet_r", "
 # data.kind -> the module (under convnext_train.data) whose `SOURCES` has it.
 _MODULES = {
     "imagefolder": "imagefolder",
+    "folder": "folder",
     "digits": "digits",
     "synthetic": "synthetic",
     "ffcv": "ffcv",
@@ -40,6 +41,8 @@ _MODULES = {
     **dict.fromkeys(ROBUSTNESS_SETS, "robustness"),
 }
 KINDS = tuple(_MODULES)
+# The modules whose loaders honour LoaderArgs.sample_target: those built on loaders.seeded_loaders.
+_DRAWING_TARGETS = ("imagefolder", "folder", "digits", "synthetic", "hf")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class LoaderArgs:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    # None: the batches carry the data's labels. Otherwise each sample's target is this, given a seed
+    # of the sample's own drawn from (seed, epoch, index): FCMAE's masks (tasks/masked_modeling.py).
+    sample_target: Callable[[int], torch.Tensor] | None = None
 
     @property
     def pin_memory(self) -> bool:
@@ -96,6 +102,12 @@ def build_loaders(data_cfg: DictConfig, aug_cfg: DictConfig, args: LoaderArgs) -
     chosen = source(data_cfg.kind)
     if chosen.evaluation_only:
         raise UserError(f"data={data_cfg.kind} is an evaluation set: score a checkpoint on it with eval.py")
+    if args.sample_target is not None and _MODULES[data_cfg.kind] not in _DRAWING_TARGETS:
+        drawing = ", ".join(kind for kind in KINDS if _MODULES[kind] in _DRAWING_TARGETS)
+        raise UserError(
+            f"data={data_cfg.kind} cannot give each sample a target of its own yet (FCMAE's masks): "
+            f"pre-train from data={drawing}"
+        )
     return chosen.loaders(data_cfg, aug_cfg, args)
 
 

@@ -1,4 +1,5 @@
-"""The ConvNeXt family, and the paper's roadmap from ResNet to ConvNeXt (`RoadmapNet`). A variant is
+"""The ConvNeXt family, ConvNeXt V2's masked autoencoder (`FCMAE`), and the paper's roadmap from ResNet
+to ConvNeXt (`RoadmapNet`). A variant is
 chosen by Hydra config: `conf/model/<name>.yaml`, a roadmap step `conf/model/roadmap_r50/<step>.yaml`."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from torch import nn
 from convnext_train.errors import UserError
 from convnext_train.models.convnext import ConvNeXt, ConvNeXtIsotropic
 from convnext_train.models.convnextv2 import ConvNeXtV2
+from convnext_train.models.fcmae import FCMAE
 from convnext_train.models.roadmap import RoadmapNet
 
-__all__ = ["ConvNeXt", "ConvNeXtIsotropic", "ConvNeXtV2", "RoadmapNet", "TIMM_NAMES", "build_model"]
+__all__ = ["FCMAE", "ConvNeXt", "ConvNeXtIsotropic", "ConvNeXtV2", "RoadmapNet", "TIMM_NAMES", "build_model"]
 
 # Our variant names -> timm's. timm has no isotropic ConvNeXt, so those cannot be compared.
 TIMM_NAMES = {

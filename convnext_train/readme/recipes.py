@@ -158,7 +158,82 @@ def markdown_table() -> str:
             cfg = compose_config(model, recipe.experiment, recipe.overrides)
             configs.append(cfg)
             lines.append("| " + " | ".join(row(recipe, model, cfg)) + " |")
-    return "\n".join(lines) + "\n\n" + common_settings(configs)
+    return "\n".join(lines) + "\n\n" + common_settings(configs) + "\n\n" + pretraining_table()
+
+
+# --------------------------------------------------------------------------------------------------
+# FCMAE pre-training (ConvNeXt V2): its own columns, no classifier
+# --------------------------------------------------------------------------------------------------
+# The sizes the official models/fcmae.py builds (convnextv2_atto .. convnextv2_huge), ours by name.
+FCMAE_MODELS = (
+    "convnextv2_atto",
+    "convnextv2_femto",
+    "convnextv2_pico",
+    "convnextv2_nano",
+    "convnextv2_t",
+    "convnextv2_b",
+    "convnextv2_l",
+    "convnextv2_h",
+)
+PRETRAINING_COLUMNS = (
+    *COLUMNS[: COLUMNS.index("weight decay") + 1],
+    "AdamW betas",
+    "mask ratio",
+    "decoder (blocks x width)",
+    "crop scale",
+    "flip",
+    "EMA",
+)
+
+
+def pretraining_table() -> str:
+    """One row per V2 size for experiment=fcmae: the official main_pretrain.py defaults and
+    TRAINING.md, read from the composed config (conf/experiment/fcmae.yaml names each source)."""
+    lines = [
+        'FCMAE pre-training (ConvNeXt V2, `experiment=fcmae`; section "ConvNeXt V2 pre-training"):',
+        "",
+        "| " + " | ".join(PRETRAINING_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(PRETRAINING_COLUMNS) - 1),
+    ]
+    shared = set()
+    for model in FCMAE_MODELS:
+        cfg = compose_config(model, "fcmae")
+        m = cfg.model
+        shared.add(
+            (
+                cfg.data.img_size,
+                m.patch_size,
+                m.norm_pix_loss,
+                cfg.aug.train_interpolation,
+                cfg.scheduler.min_lr,
+                m.drop_path_rate,
+            )
+        )
+        m, opt = cfg.model, cfg.optimizer
+        lr = opt.lr * cfg.trainer.global_batch_size / opt.lr_reference_batch if opt.scale_lr_with_batch else opt.lr
+        cells = [
+            f"`model={model} experiment=fcmae`",
+            _num(cfg.trainer.epochs),
+            _num(cfg.trainer.global_batch_size),
+            f"{_num(lr)} ({_num(opt.lr)} x batch / {opt.lr_reference_batch})" if opt.scale_lr_with_batch else _num(lr),
+            _num(cfg.scheduler.warmup_epochs),
+            _num(opt.weight_decay) + (" (GRN too)" if opt.decay_grn else ""),
+            _show(tuple(opt.betas)),
+            _num(m.mask_ratio),
+            f"{m.decoder_depth} x {m.decoder_embed_dim}",
+            _show(tuple(cfg.aug.scale)),
+            _num(cfg.aug.hflip),
+            _num(cfg.ema.decay) if cfg.ema.enabled else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(shared) != 1:
+        raise ValueError(f"FCMAE recipes differ in a setting the table states once: {sorted(map(str, shared))}")
+    ((size, patch, norm_pix, interpolation, min_lr, drop_path),) = shared
+    targets = "per-patch normalised pixel targets" if norm_pix else "raw pixel targets"
+    return "\n".join(lines) + (
+        f"\n\nEvery row: {size} px, patches of {patch}, {targets}, {interpolation} RandomResizedCrop and flip "
+        f"only, a cosine to lr {_num(min_lr)}, drop path {_num(drop_path)}."
+    )
 
 
 def _num(value: float | int) -> str:

@@ -9,15 +9,20 @@ and what an evaluation reports:
   every process, with `images` (how many were scored) and, where the loader skips unreadable
   files, `skipped_images`; `loss` among them is logged as `val_loss`;
 - `metric`, `higher_is_better`: the score `best.pt` follows; `summary_keys`: the scores summary.json
-  keeps; `describe(row)`: the line printed after an evaluation.
+  keeps; `describe(row)`: the line printed after an evaluation;
+- `sample_target`: None (the batches carry the data's labels), or what the loaders put in the labels'
+  place for each sample, drawn from the sample's own seed (FCMAE's masks);
+- `write_figures(run_dir)`: the pictures of the last evaluation, written into the run directory.
 
 Classification (the papers' supervised training: Mixup/CutMix, soft-target cross-entropy, top-1/top-5)
-is `classification.py`. `task:` in the config picks one from `TASKS`.
+is `classification.py`; FCMAE pre-training (ConvNeXt V2's masked autoencoder) `masked_modeling.py`.
+`task:` in the config picks one from `TASKS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -26,12 +31,14 @@ from torch import nn
 
 from convnext_train.errors import UserError
 from convnext_train.tasks.classification import Classification
+from convnext_train.tasks.masked_modeling import MaskedImageModeling
 
 
 class Task(Protocol):
     metric: str
     higher_is_better: bool
     summary_keys: tuple[str, ...]
+    sample_target: Callable[[int], torch.Tensor] | None
 
     def loss(self, forward: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
@@ -48,8 +55,13 @@ class Task(Protocol):
 
     def describe(self, row: dict[str, Any]) -> str: ...
 
+    def write_figures(self, run_dir: Path) -> list[Path]: ...
 
-TASKS: dict[str, Callable[[DictConfig], Task]] = {"classification": Classification.from_config}
+
+TASKS: dict[str, Callable[[DictConfig], Task]] = {
+    "classification": Classification.from_config,
+    "fcmae": MaskedImageModeling.from_config,
+}
 
 
 def build_task(cfg: DictConfig) -> Task:

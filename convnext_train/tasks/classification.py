@@ -5,6 +5,7 @@ cross-entropy over the validation images, summed over every process."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ class Classification:
     metric = "top1"
     higher_is_better = True
     summary_keys = ("top1", "top5")
+    sample_target = None  # the batches carry the data's labels
 
     def __init__(self, criterion: nn.Module, mixup: Callable | None):
         self.criterion, self.mixup = criterion, mixup
@@ -36,6 +38,9 @@ class Classification:
 
     def evaluate(self, model: nn.Module, loader, **how) -> dict[str, Any]:
         return evaluate(model, loader, **how)
+
+    def write_figures(self, run_dir: Path) -> list[Path]:
+        return []
 
     def describe(self, row: dict[str, Any]) -> str:
         text = f"top-1 {row['top1']:.2f}%  top-5 {row['top5']:.2f}%"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from convnext_train.weights.errors import CheckpointError
 from convnext_train.weights.export import (
+    export_fcmae,
     export_hf,
     export_official,
     export_safetensors,
@@ -62,6 +63,7 @@ __all__ = [
     "export_official",
     "export_safetensors",
     "export_timm",
+    "export_fcmae",
     "export_torchvision",
     "fcmae_to_official",
     "hf_to_official",

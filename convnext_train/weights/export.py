@@ -1,7 +1,7 @@
 """Exports, one function per layout: the official release's file, timm's state dict, a Hugging Face
 `transformers` directory that `from_pretrained` loads, a torchvision state dict that
-`torchvision.models.convnext_<size>(weights=None)` loads strictly, and the official names in a
-safetensors file.
+`torchvision.models.convnext_<size>(weights=None)` loads strictly, the official names in a
+safetensors file, and an FCMAE pre-training in the official release's sparse layout.
 
 The names come from `layouts`; what is added here is what each library needs beside the names: the
 config for Hugging Face, the tensor shapes of timm's named model (its small sizes use 1x1
@@ -11,17 +11,22 @@ files and reads each back with its library (convnext_train/export.py).
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
+from convnext_train.atomic import write_atomically
 from convnext_train.weights.errors import CheckpointError
 from convnext_train.weights.files import save_checkpoint
 from convnext_train.weights.layouts import (
     architecture,
+    fcmae_from_release,
+    fcmae_to_release,
     has_layer_scale,
     is_v2,
     official_to_hf,
@@ -31,6 +36,7 @@ from convnext_train.weights.layouts import (
 )
 
 __all__ = [
+    "export_fcmae",
     "export_hf",
     "export_official",
     "export_safetensors",
@@ -138,3 +144,15 @@ def export_torchvision(model: nn.Module, path: str | os.PathLike) -> None:
     `torchvision.models.convnext_tiny(weights=None, num_classes=...)` (small, base, large) loads it with
     `strict=True`. Only our V1 T, S, B and L have a torchvision equivalent; others are refused."""
     save_checkpoint(official_to_torchvision(model.state_dict()), path)
+
+
+def export_fcmae(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """`models.FCMAE`'s weights as the official `convnextv2_*_fcmae.pt` (`{"model": ...}`, MinkowskiEngine
+    shapes, decoder included), which the official main_finetune.py reads. The bytes are read back
+    before they are written (atomically), and must give every tensor bit for bit."""
+    release = io.BytesIO()
+    torch.save({"model": fcmae_to_release(state_dict)}, release)
+    back = fcmae_from_release(torch.load(io.BytesIO(release.getvalue()), weights_only=True)["model"])
+    if back.keys() != state_dict.keys() or not all(torch.equal(back[k], state_dict[k]) for k in state_dict):
+        raise CheckpointError("the FCMAE release layout did not read back bit for bit; nothing was written")
+    write_atomically(Path(path), lambda file: file.write(release.getvalue()))

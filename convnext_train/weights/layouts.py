@@ -25,7 +25,9 @@ __all__ = [
     "TORCHVISION_SIZES",
     "architecture",
     "detect_format",
+    "fcmae_from_release",
     "fcmae_to_official",
+    "fcmae_to_release",
     "hf_to_official",
     "is_isotropic",
     "is_v2",
@@ -316,35 +318,85 @@ def official_to_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
 # decoder, the mask token and the projection/prediction layers, which fine-tuning drops. Sparse
 # modules store convolutions as `kernel` tensors of shape (k*k, in, out), or (k*k, C) depthwise,
 # with the kernel's two spatial axes in the opposite order; LayerNorm and Linear weights one module
-# deeper (`.ln.`, `.linear.`); biases and GRN parameters as (1, C). Only the encoder's blocks and
-# downsampling layers exist: the final norm and the head are trained from scratch when fine-tuning.
+# deeper (`.ln.`, `.linear.`); biases and GRN parameters as (1, C). The stem (a dense conv and
+# LayerNorm) and the decoder (dense V2 blocks) have the dense names and shapes already. Only the
+# encoder's blocks and downsampling layers exist: the final norm and the head are trained from
+# scratch when fine-tuning. Our own pre-training (models/fcmae.py) has the same names with dense
+# tensors, so both read the same way.
 FCMAE_DROPPED = ("decoder", "mask_token", "proj", "pred")
 FCMAE_MISSING = ("norm.", "head.")  # not in the encoder; fine-tuning initialises them
+_SPARSE_WRAPPED = ("ln", "linear")  # MinkowskiLayerNorm.ln, MinkowskiLinear.linear
+
+
+def _dense_tensor(name: str, value: Tensor) -> tuple[str, Tensor]:
+    """One tensor of the sparse encoder -> its dense name and shape (dense ones pass unchanged)."""
+    parts = name.split(".")
+    if parts[-1] == "kernel":
+        parts[-1] = "weight"
+        taps, *channels = value.shape
+        size = math.isqrt(taps)
+        if value.ndim == 3:  # (k*k, in, out) -> (out, in, k, k)
+            value = value.permute(2, 1, 0).reshape(channels[1], channels[0], size, size).transpose(3, 2)
+        else:  # depthwise (k*k, C) -> (C, 1, k, k)
+            value = value.permute(1, 0).reshape(channels[0], 1, size, size).transpose(3, 2)
+    elif len(parts) >= 2 and parts[-2] in _SPARSE_WRAPPED:
+        del parts[-2]
+    name = ".".join(parts)
+    if ".grn." in name:
+        value = value.reshape(1, 1, 1, -1)
+    elif parts[-1] == "bias":
+        value = value.reshape(-1)
+    return name, value.contiguous()
+
+
+def _sparse_tensor(name: str, value: Tensor) -> tuple[str, Tensor]:
+    """One dense encoder tensor (names without `encoder.`) -> the sparse encoder's name and shape."""
+    parts = name.split(".")
+    if parts[0] == "downsample_layers" and parts[1] == "0":
+        return name, value  # the stem is dense in the sparse encoder too
+    if ".grn." in name:
+        return name, value.reshape(1, -1)
+    if parts[-1] == "weight" and value.ndim == 4:  # (out, in, k, k) -> (k*k, in, out) / (k*k, C)
+        out_dim, in_dim, size, _ = value.shape
+        kernel = value.transpose(2, 3).reshape(out_dim, in_dim, size * size)
+        return ".".join([*parts[:-1], "kernel"]), (kernel[:, 0, :].T if ".dwconv." in name else kernel.permute(2, 1, 0))
+    if parts[-2] in ("norm", "pwconv1", "pwconv2") or (parts[0] == "downsample_layers" and parts[2] == "0"):
+        wrapper = "linear" if parts[-2].startswith("pwconv") else "ln"
+        return ".".join([*parts[:-1], wrapper, parts[-1]]), value
+    return name, value.reshape(1, -1)  # a sparse convolution's bias
 
 
 def fcmae_to_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An FCMAE checkpoint (the official sparse release or ours) -> the V2 encoder's official names
+    and shapes, decoder dropped: what fine-tuning loads."""
     out: dict[str, Tensor] = {}
     for name, value in state_dict.items():
         if any(part in name for part in FCMAE_DROPPED):
             continue
-        parts = name.removeprefix("encoder.").split(".")
-        if parts[-1] == "kernel":
-            parts[-1] = "weight"
-            if value.ndim == 3:  # (k*k, in, out) -> (out, in, k, k)
-                taps, in_dim, out_dim = value.shape
-                size = math.isqrt(taps)
-                value = value.permute(2, 1, 0).reshape(out_dim, in_dim, size, size).transpose(3, 2)
-            else:  # depthwise (k*k, C) -> (C, 1, k, k)
-                taps, dim = value.shape
-                size = math.isqrt(taps)
-                value = value.permute(1, 0).reshape(dim, 1, size, size).transpose(3, 2)
-        elif len(parts) >= 2 and parts[-2] in ("ln", "linear"):
-            del parts[-2]
-        name = ".".join(parts)
-        if ".grn." in name:
-            value = value.reshape(1, 1, 1, -1)
-        elif parts[-1] == "bias":
-            value = value.reshape(-1)
+        dense_name, dense = _dense_tensor(name.removeprefix("encoder."), value)
+        out[dense_name] = dense
+    return out
+
+
+def fcmae_from_release(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The official `convnextv2_*_fcmae.pt` model -> `models.FCMAE`'s state dict (decoder kept)."""
+    out: dict[str, Tensor] = {}
+    for name, value in state_dict.items():
+        if name.startswith("encoder."):
+            dense_name, value = _dense_tensor(name.removeprefix("encoder."), value)
+            name = "encoder." + dense_name
+        out[name] = value
+    return out
+
+
+def fcmae_to_release(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`models.FCMAE`'s state dict -> the official release's sparse layout (what its main_finetune.py
+    and main_pretrain.py read)."""
+    out: dict[str, Tensor] = {}
+    for name, value in state_dict.items():
+        if name.startswith("encoder."):
+            sparse_name, value = _sparse_tensor(name.removeprefix("encoder."), value)
+            name = "encoder." + sparse_name
         out[name] = value.contiguous()
     return out
 

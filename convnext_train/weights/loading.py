@@ -25,6 +25,8 @@ from convnext_train.weights.layouts import (
     FCMAE_MISSING,
     architecture,
     detect_format,
+    fcmae_from_release,
+    fcmae_to_official,
     is_isotropic,
     is_v2,
     to_official,
@@ -99,6 +101,9 @@ def load_weights(
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint, trusted=trusted)
+    if _is_fcmae(model):
+        _load_fcmae(model, state_dict_from_checkpoint(checkpoint, use_ema=use_ema), decoder_required=True)
+        return
     state_dict = to_official(state_dict_from_checkpoint(checkpoint, use_ema=use_ema))
     _check_same_model(model, state_dict, classes=True)
     _check_fits(model, state_dict)
@@ -119,6 +124,9 @@ def load_pretrained(
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint, trusted=trusted)
     raw = state_dict_from_checkpoint(checkpoint, use_ema=use_ema)
+    if _is_fcmae(model):  # continuing pre-training: the decoder too, where the checkpoint has one
+        _load_fcmae(model, raw, decoder_required=False)
+        return False
     state_dict = to_official(raw)
     _check_same_model(model, state_dict, classes=False)
     fresh = model.state_dict()
@@ -133,6 +141,37 @@ def load_pretrained(
     _check_fits(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
     return "head." in keep_fresh
+
+
+def _is_fcmae(model: nn.Module) -> bool:
+    """An FCMAE (models/fcmae.py), told by its names: weights/ knows layouts, not model classes."""
+    return detect_format(model.state_dict()) == "fcmae"
+
+
+def _load_fcmae(model: nn.Module, raw: Mapping[str, Tensor], *, decoder_required: bool) -> None:
+    """Into an FCMAE: an FCMAE checkpoint (the official sparse release or ours) whole; or, unless
+    `decoder_required`, any other checkpoint's encoder (a V2 classifier's), the decoder fresh."""
+    fresh = model.state_dict()
+    if detect_format(raw) == "fcmae":
+        state_dict = fcmae_from_release(raw)
+    elif decoder_required:
+        raise CheckpointError("The checkpoint is not an FCMAE one (it has no decoder); the model is an FCMAE.")
+    else:
+        encoder = {k: v for k, v in to_official(raw).items() if not k.startswith(FCMAE_MISSING)}
+        state_dict = {f"encoder.{k}": v for k, v in encoder.items()}
+        state_dict |= {k: v for k, v in fresh.items() if not k.startswith("encoder.")}
+    _check_same_encoder(fresh, state_dict)
+    _check_fits(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _check_same_encoder(ours: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> None:
+    """One line naming the model= whose encoder the checkpoint's is, when it is another size."""
+    theirs_shape, ours_shape = (Architecture.of(fcmae_to_official(sd)) for sd in (theirs, ours))
+    if theirs_shape is not None and ours_shape is not None and theirs_shape != ours_shape:
+        variant = theirs_shape.variant()
+        fix = f"use model={variant}" if variant else f"pass {theirs_shape.overrides()}"
+        raise CheckpointError(f"The checkpoint's encoder is {theirs_shape}, but the model's is {ours_shape}; {fix}.")
 
 
 def _check_same_model(model: nn.Module, state_dict: Mapping[str, Tensor], *, classes: bool) -> None:
