@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_float32_matmul_precision("high")
     cfg, variant = compose_config(args.mode, overrides)
     pretraining = args.mode != "loader" and cfg.task == "fcmae"
-    if pretraining and options.vs in ("timm", "bare") or args.mode == "eval" and pretraining:
+    if pretraining and (args.mode == "eval" or options.vs in ("timm", "bare")):
         raise UserError(
             f"experiment=fcmae: `{args.mode}` vs={options.vs} has no FCMAE counterpart; bench step vs=classification"
         )

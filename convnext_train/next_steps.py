@@ -39,7 +39,7 @@ def closing_summary(summary: dict[str, Any], cfg: DictConfig, run_dir: Path, che
         return "\n".join([*lines, "next:", *_fine_tuning_lines(cfg, checkpoints, run_dir)])
     name = "best" if summary.get("best_top1") is not None else "last"
     # A full file (`best.pt`) or, sharded, a link to a directory (`best`): eval.py and predict.py read both.
-    checkpoint = next((path for path in (checkpoints / f"{name}.pt", checkpoints / name) if path.exists()), None)
+    checkpoint = _entry(checkpoints, name)
     lines.append("next:")
     if checkpoint is not None and summary.get("best_top1") is not None:
         lines.append("  " + _command("python eval.py", checkpoint=checkpoint, **_eval_overrides(cfg)))
@@ -50,13 +50,16 @@ def closing_summary(summary: dict[str, Any], cfg: DictConfig, run_dir: Path, che
     return "\n".join(lines)
 
 
+def _entry(checkpoints: Path, name: str) -> Path | None:
+    """`<name>.pt` (a full file) or `<name>` (sharded: a link to a directory), whichever exists."""
+    return next((path for path in (checkpoints / f"{name}.pt", checkpoints / name) if path.exists()), None)
+
+
 def _fine_tuning_lines(cfg: DictConfig, checkpoints: Path, run_dir: Path) -> list[str]:
     """After FCMAE pre-training: fine-tune the encoder (the official recipe where it has a row for the
     model, else the own-dataset one), and the reconstructions to look at."""
     model = HydraConfig.get().runtime.choices.get("model")
-    checkpoint = next(
-        (p for p in (checkpoints / "last.pt", checkpoints / "last") if p.exists()), checkpoints / "last.pt"
-    )
+    checkpoint = _entry(checkpoints, "last") or checkpoints / "last.pt"
     experiment = "v2_ft_in1k" if model in configs.load("experiment", "v2_ft_in1k").v2_ft_in1k else "finetune"
     command = _command("python train.py", model=model, experiment=experiment, **{"finetune.checkpoint": checkpoint})
     return [

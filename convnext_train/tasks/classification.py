@@ -13,9 +13,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from convnext_train.data.transforms import mixup_fn, train_loss
-from convnext_train.distributed import all_reduce_sum
 from convnext_train.errors import UserError
-from convnext_train.tasks.evaluation import evaluation_batches
+from convnext_train.tasks.evaluation import evaluation_batches, summed_over_processes
 
 
 class Classification:
@@ -80,17 +79,7 @@ def evaluate(
         correct5 += hits.any(dim=1).sum()
         count += targets.numel()
     # Each process scored its own shard; the sums over all of them are the whole set's.
-    totals = all_reduce_sum(
-        torch.stack(
-            [
-                correct1.double(),
-                correct5.double(),
-                loss_sum,
-                torch.tensor(float(count), device=device, dtype=torch.float64),
-                torch.tensor(float(skipped), device=device, dtype=torch.float64),
-            ]
-        )
-    ).tolist()
+    totals = summed_over_processes(correct1, correct5, loss_sum, count, skipped, device=device)
     correct1_all, correct5_all, loss_all, count_all, skipped_all = totals
     if count_all == 0:
         raise UserError("the validation set is empty: put images under <data.root>/<data.val_split>/<class>/")

@@ -8,6 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from convnext_train.distributed import all_reduce_sum
+
+
+def summed_over_processes(*values: torch.Tensor | float, device: torch.device) -> list[float]:
+    """Each value (a device scalar or a number) summed over every process, in float64: one all-reduce."""
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    return all_reduce_sum(stacked).tolist()
+
 
 def evaluation_batches(
     model: nn.Module,

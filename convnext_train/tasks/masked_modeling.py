@@ -20,13 +20,12 @@ import torch
 from omegaconf import DictConfig
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torchvision.utils import make_grid
+from torchvision.utils import save_image
 
 from convnext_train.atomic import write_atomically
-from convnext_train.distributed import all_reduce_sum
 from convnext_train.errors import UserError
 from convnext_train.models.fcmae import FCMAE, random_masks, reconstructions, upsample_mask
-from convnext_train.tasks.evaluation import evaluation_batches
+from convnext_train.tasks.evaluation import evaluation_batches, summed_over_processes
 
 FIGURE = "reconstructions.png"
 
@@ -81,16 +80,7 @@ class MaskedImageModeling:
                 self.examples = figure_columns(
                     model, *(t[: self.figure_images].float().cpu() for t in (images, pred, masks))
                 )
-        totals = all_reduce_sum(
-            torch.stack(
-                [
-                    total,
-                    torch.tensor(float(count), device=total.device, dtype=torch.float64),
-                    torch.tensor(float(skipped), device=total.device, dtype=torch.float64),
-                ]
-            )
-        )
-        loss_all, count_all, skipped_all = totals.tolist()
+        loss_all, count_all, skipped_all = summed_over_processes(total, count, skipped, device=how["device"])
         if count_all == 0:
             raise UserError("the validation set is empty: give data.val_root (or the split) some images")
         return {"loss": loss_all / count_all, "images": int(count_all), "skipped_images": int(skipped_all)}
@@ -104,9 +94,10 @@ class MaskedImageModeling:
         if self.examples is None:
             return []
         rows = torch.stack(self.examples, dim=1).flatten(0, 1)  # image 0's four columns, image 1's, ...
-        grid = make_grid(rows, nrow=len(self.examples), padding=2, pad_value=1.0)
         path = run_dir / FIGURE
-        write_atomically(path, partial(_write_png, grid))
+        write_atomically(
+            path, partial(save_image, rows, nrow=len(self.examples), padding=2, pad_value=1.0, format="PNG")
+        )
         return [path]
 
 
@@ -122,10 +113,3 @@ def figure_columns(
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     columns = (images, images * (1 - removed), predicted, pasted)
     return tuple((column * std + mean).clamp(0, 1) for column in columns)
-
-
-def _write_png(grid: torch.Tensor, file) -> None:
-    from PIL import Image
-
-    pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(file, format="PNG")

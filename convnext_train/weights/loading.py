@@ -167,11 +167,19 @@ def _load_fcmae(model: nn.Module, raw: Mapping[str, Tensor], *, decoder_required
 
 def _check_same_encoder(ours: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> None:
     """One line naming the model= whose encoder the checkpoint's is, when it is another size."""
-    theirs_shape, ours_shape = (Architecture.of(fcmae_to_official(sd)) for sd in (theirs, ours))
-    if theirs_shape is not None and ours_shape is not None and theirs_shape != ours_shape:
-        variant = theirs_shape.variant()
-        fix = f"use model={variant}" if variant else f"pass {theirs_shape.overrides()}"
-        raise CheckpointError(f"The checkpoint's encoder is {theirs_shape}, but the model's is {ours_shape}; {fix}.")
+    _check_same_architecture(
+        fcmae_to_official(theirs), fcmae_to_official(ours), "The checkpoint's encoder is", "the model's is"
+    )
+
+
+def _check_same_architecture(theirs: Mapping[str, Tensor], ours: Mapping[str, Tensor], holds: str, is_: str) -> None:
+    """One line naming the `model=` that fits when official-layout weights `theirs` are another
+    family or size than `ours`: "<holds> <theirs>, but <is_> <ours>; <fix>"."""
+    their_shape, our_shape = Architecture.of(theirs), Architecture.of(ours)
+    if their_shape is not None and our_shape is not None and their_shape != our_shape:
+        variant = their_shape.variant()
+        fix = f"use model={variant}" if variant else f"no model= config has that size: pass {their_shape.overrides()}"
+        raise CheckpointError(f"{holds} {their_shape}, but {is_} {our_shape}; {fix}.")
 
 
 def _check_same_model(model: nn.Module, state_dict: Mapping[str, Tensor], *, classes: bool) -> None:
@@ -179,11 +187,7 @@ def _check_same_model(model: nn.Module, state_dict: Mapping[str, Tensor], *, cla
     family or size than `model`; with `classes`, one naming data.num_classes when only the head's
     class count differs (fine-tuning re-initialises the head instead)."""
     ours = model.state_dict()
-    theirs, mine = Architecture.of(state_dict), Architecture.of(ours)
-    if theirs is not None and mine is not None and theirs != mine:
-        variant = theirs.variant()
-        fix = f"use model={variant}" if variant else f"no model= config has that size: pass {theirs.overrides()}"
-        raise CheckpointError(f"The checkpoint holds {theirs}, but the model is {mine}; {fix}.")
+    _check_same_architecture(state_dict, ours, "The checkpoint holds", "the model is")
     if classes and "head.weight" in state_dict and "head.weight" in ours:
         count, ours_count = state_dict["head.weight"].shape[0], ours["head.weight"].shape[0]
         if count != ours_count:
